@@ -1,0 +1,343 @@
+"""The ``Pruning`` callback: prunes targets while the model trains, on a schedule, resumably."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_prune.criteria import Criterion, parse_criterion
+from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.report import format_report, sparsity_report
+from lightning_prune.schedules import Iterative, Schedule
+from lightning_prune.selection import SCOPES, select
+from lightning_prune.targets import compile_patterns, resolve_targets
+
+__all__ = ["Pruning"]
+
+
+def _check_fraction(name: str, value: object, upper_open: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 <= float(value) < 1.0 if upper_open else 0.0 <= float(value) <= 1.0):  # type: ignore[arg-type]
+        bounds = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+class Pruning(Callback):
+    """Prune a model while it trains (SPEC.md): pattern, criterion, schedule and scope in one callback.
+
+    Masks are kept per target (True = kept) and only ever lose entries. Pruned weights are exactly zero after
+    every optimizer step; their gradients are zeroed before it. Parameter names never change, so checkpoints
+    load into the plain model, and the callback's state (masks, running scores, schedule position) resumes
+    with ``trainer.fit(ckpt_path=...)``.
+
+    Args:
+        target_sparsity: final fraction of zeros over all targets, in [0, 1).
+        pattern: ``"unstructured"``/``"1x1"``, ``"NxM"`` (e.g. ``"4x1"``), ``"channelx1"``, ``"1xchannel"``,
+            ``"N:M"`` (e.g. ``"2:4"``) or a :class:`~lightning_prune.patterns.Pattern`.
+        criterion: ``"magnitude"``, ``"gradient"``, ``"snip"``, ``"snip_momentum"`` or a
+            :class:`~lightning_prune.criteria.Criterion`.
+        schedule: :class:`~lightning_prune.schedules.OneShot` or :class:`~lightning_prune.schedules.Iterative`;
+            ``None`` prunes iteratively over the whole run: events every ``max(1, total // 20)`` steps from 0
+            to the last step, ``total = trainer.estimated_stepping_batches``, exp decay.
+        scope: ``"global"`` (one ranking across targets, budget in elements) or ``"local"`` (each layer).
+        op_types: module class names whose ``weight`` is pruned.
+        include: regexes; only modules whose full name matches one are pruned.
+        exclude: regexes; modules whose full name matches one are not pruned.
+        min_sparsity_per_layer: global scope: the least sparsity of any layer at the end (scaled down
+            proportionally at earlier events).
+        max_sparsity_per_layer: global scope: the most sparsity of any layer.
+        log_per_layer: also log ``prune/sparsity/<name>`` for every target at each event.
+
+    Raises:
+        ValueError: an argument out of range or unknown (the message names it, shows it and lists choices).
+        TypeError: an argument of the wrong type.
+
+    Example:
+        >>> from lightning_prune.schedules import Iterative
+        >>> cb = Pruning(0.8, pattern="4x1", criterion="snip_momentum",
+        ...              schedule=Iterative(start_step=0, end_step=1000, frequency=100))
+        >>> trainer = pl.Trainer(callbacks=[cb], max_steps=2000)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float,
+        pattern: str | Pattern = "4x1",
+        criterion: str | Criterion = "snip_momentum",
+        schedule: Schedule | None = None,
+        scope: str = "global",
+        op_types: str | Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        min_sparsity_per_layer: float = 0.0,
+        max_sparsity_per_layer: float = 0.98,
+        log_per_layer: bool = False,
+    ) -> None:
+        self.target_sparsity = _check_fraction("target_sparsity", target_sparsity, upper_open=True)
+        self.pattern = parse_pattern(pattern)
+        self.criterion = parse_criterion(criterion)
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be OneShot, Iterative or None, got {type(schedule).__name__}")
+        self.schedule = schedule
+        if scope not in SCOPES:
+            raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+        self.scope = scope
+        op_list = [op_types] if isinstance(op_types, str) else list(op_types)
+        if not op_list or not all(isinstance(op, str) for op in op_list):
+            raise ValueError(f"op_types must be a non-empty list of module class names, got {op_types!r}")
+        self.op_types = tuple(op_list)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
+        self.include, self.exclude = include, exclude
+        self.min_sparsity_per_layer = _check_fraction("min_sparsity_per_layer", min_sparsity_per_layer, False)
+        self.max_sparsity_per_layer = _check_fraction("max_sparsity_per_layer", max_sparsity_per_layer, False)
+        if self.min_sparsity_per_layer > self.max_sparsity_per_layer:
+            raise ValueError(
+                f"min_sparsity_per_layer ({min_sparsity_per_layer}) must be <= max_sparsity_per_layer "
+                f"({max_sparsity_per_layer})"
+            )
+        if not self.min_sparsity_per_layer <= self.target_sparsity <= self.max_sparsity_per_layer:
+            raise ValueError(
+                f"target_sparsity {target_sparsity} is infeasible with min_sparsity_per_layer="
+                f"{min_sparsity_per_layer} and max_sparsity_per_layer={max_sparsity_per_layer}: every layer "
+                "stays within [min, max], so the target must too"
+            )
+        if self.target_sparsity > self.pattern.max_sparsity + 1e-9:
+            raise ValueError(
+                f"target_sparsity {target_sparsity} is above what pattern '{self.pattern}' can reach "
+                f"({self.pattern.max_sparsity:g}); use target_sparsity <= {self.pattern.max_sparsity:g}"
+            )
+        self.log_per_layer = log_per_layer
+        self._targets: dict[str, torch.nn.Parameter] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._multipliers: list[Tensor] = []  # masks in each weight's dtype: the fused zeroing is ~3x faster
+        self._scores: list[Tensor] | None = None
+        self._last_event = -1
+        self._resolved: Schedule | None = None
+        self._pending: dict[str, Any] | None = None
+        self._stepped = False
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def state_key(self) -> str:
+        """Identifies the parameters this callback owns, so that several instances can coexist."""
+        return self._generate_state_key(op_types=self.op_types, include=self.include, exclude=self.exclude)
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Read-only mapping: parameter name → bool mask shaped like it, True = kept."""
+        return MappingProxyType(self._masks)
+
+    def config(self) -> dict[str, Any]:
+        """The settings that define this pruning run, as stored in checkpoints."""
+        return {
+            "target_sparsity": self.target_sparsity,
+            "pattern": str(self.pattern),
+            "criterion": str(self.criterion),
+            "scope": self.scope,
+            "schedule": repr(self._resolved or self.schedule),
+            "min_sparsity_per_layer": self.min_sparsity_per_layer,
+            "max_sparsity_per_layer": self.max_sparsity_per_layer,
+        }
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve and validate targets; raises before training with the model untouched."""
+        if stage != "fit":
+            return
+        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
+        for fqn, param in targets.items():
+            self.pattern.check(fqn, param.shape)
+        self._targets = targets
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
+        params = dict(pl_module.named_parameters())
+        self._targets = {fqn: params[fqn] for fqn in self._targets or self._resolve_now(pl_module)}
+        self._resolved = self.schedule or self._default_schedule(trainer)
+        if "16" in str(trainer.precision):
+            self.criterion._check_finite = True  # type: ignore[attr-defined]
+        state, self._pending = self._pending, None
+        if state is not None:
+            self._restore(state)
+        else:
+            self._masks = {fqn: torch.ones_like(p, dtype=torch.bool) for fqn, p in self._targets.items()}
+        self._refresh_multipliers()
+        self._zero_weights()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Update scores inside the window, prune at events, zero the gradients of pruned weights."""
+        schedule = self._resolved
+        if schedule is None:
+            return
+        step = trainer.global_step
+        weights = list(self._targets.values())
+        if self.criterion.accumulates and schedule.start <= step <= schedule.end:
+            if self._scores is None:
+                self._scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+            self.criterion.update(self._scores, weights, [w.grad for w in weights])
+        event = schedule.last_event_at(step)
+        if event > self._last_event:
+            self._prune(schedule.sparsity(event, self.target_sparsity))
+            self._last_event = event
+            self._log_event(trainer, schedule.sparsity(event, self.target_sparsity))
+            if event == schedule.num_events - 1:
+                self._scores = None  # no event left: running scores are no longer needed
+        if self._multipliers:
+            pairs = [(w.grad, m) for w, m in zip(weights, self._multipliers) if w.grad is not None]
+            if pairs:
+                grads, mults = (list(x) for x in zip(*pairs))
+                torch._foreach_mul_(grads, mults)
+            self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After an optimizer step, set pruned weights to zero again (momentum and weight decay move them)."""
+        if self._stepped:
+            self._zero_weights()
+            self._stepped = False
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the sparsity table; warn if training ended before the schedule did."""
+        if not self._masks:
+            return
+        schedule = self._resolved
+        if schedule is not None and self._last_event < schedule.num_events - 1:
+            rank_zero_warn(
+                f"training ended at step {trainer.global_step}, before the pruning schedule's last event at step "
+                f"{schedule.end}: sparsity reached {self.sparsity():.4f} of target {self.target_sparsity}"
+            )
+        rank_zero_info("Pruning: per-layer sparsity\n" + format_report(self.report(pl_module)))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, running scores and the schedule position."""
+        if self._pending is not None:
+            return self._pending
+        state: dict[str, Any] = {
+            "masks": {fqn: m.cpu() for fqn, m in self._masks.items()},
+            "last_event": self._last_event,
+            "config": self.config(),
+        }
+        if self._scores is not None:
+            state["scores"] = {fqn: s.cpu() for fqn, s in zip(self._targets, self._scores)}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until ``on_train_start``, when the model and the schedule are final."""
+        self._pending = dict(state_dict)
+
+    # ------------------------------------------------------------------ helpers
+    def report(self, pl_module: torch.nn.Module) -> list[Any]:
+        """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
+        return sparsity_report(pl_module, self._masks, str(self.pattern))
+
+    def sparsity(self) -> float:
+        """Fraction of zeros over all targets, from the masks."""
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / max(total, 1)
+
+    def _resolve_now(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
+        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
+        for fqn, param in targets.items():
+            self.pattern.check(fqn, param.shape)
+        return targets
+
+    def _default_schedule(self, trainer: pl.Trainer) -> Schedule:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"schedule=None prunes over the whole run, but its length is {total} steps; set max_steps or "
+                "max_epochs, or pass schedule=Iterative(start_step, end_step, frequency)"
+            )
+        total = int(total)
+        return Iterative(start_step=0, end_step=total - 1, frequency=max(1, total // 20))
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("config", {})
+        current = self.config()
+        differs = {k: (saved[k], current[k]) for k in saved if k in current and saved[k] != current[k]}
+        if differs:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(f"the checkpoint was written under another pruning configuration ({detail})")
+        masks = state["masks"]
+        if set(masks) != set(self._targets):
+            raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
+        self._masks = {}
+        for fqn, param in self._targets.items():
+            mask = masks[fqn]
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+                )
+            self._masks[fqn] = mask.to(device=param.device, dtype=torch.bool)
+        self._last_event = int(state["last_event"])
+        scores = state.get("scores")
+        if scores is not None:
+            self._scores = [scores[fqn].to(p.device, torch.float32) for fqn, p in self._targets.items()]
+
+    def _refresh_multipliers(self) -> None:
+        if all(bool(m.all()) for m in self._masks.values()):
+            self._multipliers = []
+            return
+        self._multipliers = [self._masks[fqn].to(p.dtype) for fqn, p in self._targets.items()]
+
+    @torch.no_grad()
+    def _zero_weights(self) -> None:
+        if self._multipliers:
+            torch._foreach_mul_([p.data for p in self._targets.values()], self._multipliers)
+
+    @torch.no_grad()
+    def _prune(self, sparsity: float) -> None:
+        weights = list(self._targets.values())
+        masks = list(self._masks.values())
+        scores = self.criterion.scores(self._scores, weights, [w.grad for w in weights])
+        for score, mask in zip(scores, masks):
+            score.masked_fill_(~mask, -math.inf)  # pruned units sort first: masks stay monotone
+        shapes = [tuple(w.shape) for w in weights]
+        scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
+        picks = select(
+            [self.pattern.unit_scores(s) for s in scores],
+            [self.pattern.unit_sizes(shape) for shape in shapes],
+            [w.numel() for w in weights],
+            sparsity,
+            self.scope,
+            min_sparsity=self.min_sparsity_per_layer * scale,
+            max_sparsity=self.max_sparsity_per_layer,
+        )
+        for pick, score, mask in zip(picks, scores, masks):
+            mask.logical_and_(~self.pattern.expand(pick, score))
+        self._refresh_multipliers()
+        self._zero_weights()
+
+    def _log_event(self, trainer: pl.Trainer, scheduled: float) -> None:
+        # Written to the loggers directly: `pl_module.log` only reaches them on `log_every_n_steps` steps,
+        # and an event between two of those would be lost.
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics = {"prune/sparsity": self.sparsity(), "prune/target": scheduled}
+        if self.log_per_layer:
+            for fqn, mask in self._masks.items():
+                metrics[f"prune/sparsity/{fqn}"] = 1.0 - float(mask.sum()) / mask.numel()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)

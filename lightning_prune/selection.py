@@ -1,0 +1,161 @@
+"""Which units to prune: exact lowest-score selection, across layers (global) or per layer (local).
+
+Units are taken in ascending order of (score, tensor, position) and the longest prefix whose element count
+stays within the budget is pruned, so results are exact and deterministic, and the final sparsity is the
+target up to the size of one unit. Global selection never concatenates all scores (DESIGN.md, "count,
+don't concatenate"): a random sample brackets the threshold, one pass per tensor counts the units below the
+bracket, and only the units inside the small bracket are gathered and sorted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SCOPES", "count_pruned", "prune_lowest", "select"]
+
+SCOPES = ("global", "local")
+_SAMPLE = 1 << 20  # sample size that brackets the threshold; below it, everything is one bracket
+
+
+def count_pruned(pruned: Tensor, size: int | Tensor) -> int:
+    """Elements pruned by a bool unit tensor whose units hold ``size`` elements each."""
+    if isinstance(size, int):
+        return int(torch.count_nonzero(pruned)) * size
+    return int(size.reshape(-1)[pruned.reshape(-1)].sum())
+
+
+def _total(flat: Tensor, size: int | Tensor) -> int:
+    return flat.numel() * size if isinstance(size, int) else int(size.sum())
+
+
+def _bracket_ranks(flat: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int) -> tuple[Tensor, int, int]:
+    """Sorted sample of unit scores and the sample ranks that bracket the budget's threshold."""
+    n_units = sum(f.numel() for f in flat)
+    generator = torch.Generator().manual_seed(0)
+    values, weights = [], []
+    for f, size in zip(flat, sizes):
+        k = max(1, round(_SAMPLE * f.numel() / n_units))
+        index = torch.randint(f.numel(), (k,), generator=generator).to(f.device)
+        mean_size = float(size) if isinstance(size, int) else float(size.float().mean())
+        values.append(f[index].float())
+        weights.append(torch.full((k,), f.numel() * mean_size / k, dtype=torch.float64, device=f.device))
+    sample, order = torch.sort(torch.cat(values))
+    cumulative = torch.cat(weights)[order].cumsum(0)
+    rank = int(torch.searchsorted(cumulative, torch.tensor(float(budget), dtype=torch.float64)))
+    # The sample rank of the true threshold has a standard deviation of at most sqrt(S)/2: +-6 sigma.
+    margin = 3 * math.isqrt(sample.numel()) + 64
+    return sample, rank - margin, rank + margin
+
+
+def prune_lowest(
+    scores: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, nearest: bool = False
+) -> list[Tensor]:
+    """Prune the lowest-scored units of several tensors, ``budget`` elements in all.
+
+    Units are taken in ascending (score, tensor, position) order: the longest prefix whose element count is
+    at most ``budget``, or with ``nearest`` the prefix whose count is nearest to it (ties: the smaller).
+
+    Args:
+        scores: unit scores, one tensor per layer (any shapes). NaN scores are never pruned.
+        sizes: elements per unit for each tensor: an int, or a tensor shaped like its scores.
+        budget: elements to prune.
+        nearest: allow overshooting by less than half of the crossing unit.
+
+    Returns:
+        One bool tensor per input (True = prune), shaped like its scores.
+
+    Example:
+        >>> prune_lowest([torch.tensor([3.0, 1.0]), torch.tensor([2.0])], [1, 1], 2)
+        [tensor([False,  True]), tensor([True])]
+    """
+    flat = [s.reshape(-1) for s in scores]
+    flat_sizes = [z if isinstance(z, int) else z.reshape(-1).to(f.device) for f, z in zip(flat, sizes)]
+    if budget <= 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    if budget >= sum(_total(f, z) for f, z in zip(flat, flat_sizes)):
+        return [~torch.isnan(s) for s in scores]
+    if sum(f.numel() for f in flat) <= _SAMPLE:
+        sample, lo_rank, hi_rank = torch.empty(0), -1, 0
+    else:
+        sample, lo_rank, hi_rank = _bracket_ranks(flat, flat_sizes, budget)
+    while True:
+        lo = float(sample[lo_rank]) if lo_rank >= 0 else -math.inf
+        hi = float(sample[hi_rank]) if hi_rank < sample.numel() else math.inf
+        below = [f < lo for f in flat]
+        below_count = sum(count_pruned(b, z) for b, z in zip(below, flat_sizes))
+        if below_count > budget:  # the threshold lies under the bracket: widen it downwards
+            lo_rank = lo_rank - 4 * (hi_rank - lo_rank) if lo_rank >= 0 else -1
+            continue
+        inside = [((f <= hi) & ~b).nonzero().squeeze(1) for f, b in zip(flat, below)]
+        inside_sizes = [
+            torch.full((i.numel(),), z, dtype=torch.int64, device=i.device) if isinstance(z, int) else z[i]
+            for i, z in zip(inside, flat_sizes)
+        ]
+        if hi != math.inf and below_count + sum(int(s.sum()) for s in inside_sizes) <= budget:
+            hi_rank = hi_rank + 4 * (hi_rank - lo_rank)  # the threshold lies above the bracket
+            continue
+        break
+    # Resolve inside the bracket: a stable sort keeps (tensor, position) order among equal scores.
+    values = torch.cat([f[i].float() for f, i in zip(flat, inside)])
+    order = torch.sort(values, stable=True).indices
+    cumulative = below_count + torch.cat(inside_sizes)[order].cumsum(0)
+    count = int(torch.searchsorted(cumulative, budget, right=True))
+    if nearest and count < cumulative.numel():
+        before = int(cumulative[count - 1]) if count else below_count
+        count += int(cumulative[count]) - budget < budget - before
+    taken = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    taken[order[:count]] = True
+    for mask, index, take in zip(below, inside, taken.split([i.numel() for i in inside])):
+        mask[index[take]] = True
+    return [m.reshape(s.shape) for m, s in zip(below, scores)]
+
+
+def _layer_budget(sparsity: float, numel: int) -> int:
+    return round(sparsity * numel)
+
+
+def select(
+    scores: Sequence[Tensor],
+    sizes: Sequence[int | Tensor],
+    numels: Sequence[int],
+    sparsity: float,
+    scope: str = "global",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> list[Tensor]:
+    """Units to prune so that the targets reach ``sparsity``.
+
+    ``local``: each layer prunes ``sparsity`` of its own elements. ``global``: one ranking across layers,
+    the budget counted in elements; every layer stays within ``[min_sparsity, max_sparsity]``, enforced by
+    fixing violating layers at their bound and re-ranking the rest (exact water-filling).
+
+    Example:
+        >>> select([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], [1, 1], [2, 2], 0.5)
+        [tensor([True, True]), tensor([False, False])]
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+    if scope == "local":
+        return [prune_lowest([s], [z], _layer_budget(sparsity, n), True)[0] for s, z, n in zip(scores, sizes, numels)]
+    budget = _layer_budget(sparsity, sum(numels))
+    fixed: dict[int, Tensor] = {}
+    while True:
+        pool = [i for i in range(len(scores)) if i not in fixed]
+        spent = sum(count_pruned(fixed[i], sizes[i]) for i in fixed)
+        pool_scores, pool_sizes = [scores[i] for i in pool], [sizes[i] for i in pool]
+        picks = dict(zip(pool, prune_lowest(pool_scores, pool_sizes, budget - spent, nearest=True)))
+        violations: dict[int, Tensor] = {}
+        for i, pick in picks.items():
+            pruned = count_pruned(pick, sizes[i])
+            upper = math.floor(max_sparsity * numels[i] + 1e-9)
+            lower = math.ceil(min_sparsity * numels[i] - 1e-9)
+            if pruned > upper or pruned < lower:
+                bound = upper if pruned > upper else lower
+                violations[i] = prune_lowest([scores[i]], [sizes[i]], bound)[0]
+        if not violations:
+            return [fixed[i] if i in fixed else picks[i] for i in range(len(scores))]
+        fixed.update(violations)

@@ -1,0 +1,104 @@
+"""Which parameters are pruned: module types and regexes over module names.
+
+A target is the ``weight`` of a module whose type is one of ``op_types``; ``include`` and ``exclude`` are
+regular expressions that must match a module's whole name (``re.fullmatch``). Biases and normalisation
+layers are never targets, and nothing is excluded silently (there is no hidden "classifier head" rule).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["resolve_targets"]
+
+
+def _as_list(name: str, value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a str or a list of str, got {value!r}")
+    return list(value)
+
+
+def _type_matches(module: nn.Module, op_types: Sequence[str]) -> bool:
+    for op in op_types:
+        cls = getattr(nn, op, None)
+        if isinstance(cls, type) and isinstance(module, cls):
+            return True
+        if type(module).__name__ == op:
+            return True
+    return False
+
+
+def compile_patterns(name: str, patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:
+    """Compile regexes, raising ``ValueError`` that names the argument for a bad one."""
+    compiled = []
+    for text in _as_list(name, patterns):
+        try:
+            compiled.append(re.compile(text))
+        except re.error as err:
+            raise ValueError(f"{name} regex {text!r} is not valid: {err}") from err
+    return compiled
+
+
+def resolve_targets(
+    model: nn.Module,
+    op_types: Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Map target parameter names (as in ``named_parameters()``) to parameters, in model order.
+
+    Args:
+        model: the model to search.
+        op_types: module class names (``torch.nn`` classes match subclasses too).
+        include: regexes; if given, a module's full name must match one of them.
+        exclude: regexes; a module whose full name matches one of them is skipped.
+
+    Raises:
+        ValueError: ``include``/``exclude`` matching no candidate module (the message lists them), or no
+            target at all.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> list(resolve_targets(model, exclude=r"2"))
+        ['0.weight']
+    """
+    includes = compile_patterns("include", include)
+    excludes = compile_patterns("exclude", exclude)
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if _type_matches(module, op_types) and isinstance(getattr(module, "weight", None), nn.Parameter)
+    }
+    available = ", ".join(candidates) or "(none)"
+    for label, regexes in (("include", includes), ("exclude", excludes)):
+        for regex in regexes:
+            if not any(regex.fullmatch(name) for name in candidates):
+                raise ValueError(
+                    f"{label} pattern {regex.pattern!r} matches no module of types {list(op_types)}; "
+                    f"available: {available}"
+                )
+    targets: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, module in candidates.items():
+        if includes and not any(r.fullmatch(name) for r in includes):
+            continue
+        if any(r.fullmatch(name) for r in excludes):
+            continue
+        weight = module.weight
+        if id(weight) in seen:  # a shared weight is pruned once, under its first name
+            continue
+        seen.add(id(weight))
+        targets[f"{name}.weight" if name else "weight"] = weight
+    if not targets:
+        raise ValueError(
+            f"no parameter to prune: op_types={list(op_types)}, include={include!r}, exclude={exclude!r}; "
+            f"modules of those types: {available}"
+        )
+    return targets

@@ -1,0 +1,97 @@
+"""Tiny models and data shared by the tests: a few layers, a handful of batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModule(pl.LightningModule):
+    """Wraps a network with a cross-entropy loss and a configurable optimizer."""
+
+    def __init__(self, net: nn.Module, in_shape: tuple[int, ...], optimizer: str = "sgd", lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = net
+        self.in_shape = in_shape
+        self.optimizer_name = optimizer
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters()
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr / 10)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr / 10, weight_decay=0.1)
+        raise ValueError(self.optimizer_name)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 3))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    )
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (mlp, (12,)),
+    "cnn": (cnn, (4, 6, 6)),
+}
+
+
+def make_module(kind: str = "mlp", optimizer: str = "sgd", seed: int = 0) -> TinyModule:
+    torch.manual_seed(seed)
+    factory, shape = MODELS[kind]
+    return TinyModule(factory(), shape, optimizer)
+
+
+def make_loader(module: TinyModule, n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *module.in_shape, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def make_trainer(callbacks: list[pl.Callback], max_steps: int = 24, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
