@@ -20,7 +20,9 @@ def brute_force(scores, sizes, budget):
 def random_problem(seed):
     g = torch.Generator().manual_seed(seed)
     k = int(torch.randint(1, 6, (1,), generator=g))
-    scores = [torch.randint(0, 25, (int(torch.randint(1, 400, (1,), generator=g)),), generator=g).float() for _ in range(k)]
+    scores = [
+        torch.randint(0, 25, (int(torch.randint(1, 400, (1,), generator=g)),), generator=g).float() for _ in range(k)
+    ]
     sizes = [
         int(torch.randint(1, 5, (1,), generator=g)) if i % 2 else torch.randint(0, 5, s.shape, generator=g)
         for i, s in enumerate(scores)

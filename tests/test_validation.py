@@ -54,7 +54,10 @@ def test_schedule_rejects(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"include": r"encoder\..*"}, r"include pattern 'encoder\\\\..\*' matches no module.*available: net.0, net.2, net.4"),
+        (
+            {"include": r"encoder\..*"},
+            r"include pattern 'encoder\\\\..\*' matches no module.*available: net.0, net.2, net.4",
+        ),
         ({"exclude": "head"}, "exclude pattern 'head' matches no module.*available: net.0, net.2, net.4"),
         ({"op_types": ("Conv2d",)}, "no parameter to prune.*op_types=\\['Conv2d'\\]"),
     ],
