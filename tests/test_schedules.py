@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -33,7 +34,7 @@ def test_iterative_events(decay, start, end, freq):
     assert s.num_events == len(events)
     sparsities = [s.sparsity(i, 0.8) for i in range(len(events))]
     assert sparsities[0] > 0, "the first event prunes"
-    assert all(a <= b for a, b in zip(sparsities, sparsities[1:])), "never decreases"
+    assert all(a <= b for a, b in itertools.pairwise(sparsities)), "never decreases"
     assert sparsities[-1] == 0.8, "the last event hits the target exactly"
     for step in range(0, end + 5):
         assert s.last_event_at(step) == sum(1 for e in events if e <= step) - 1
