@@ -139,21 +139,30 @@ class SnipMomentum(Criterion):
         self.scale = float(scale)
 
     def update(self, state: list[Tensor], weights: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-        """Score ← momentum·Score + scale·|W·G|, fused over all targets; skipped if a gradient is not finite."""
+        """Score ← momentum·Score + scale·|W·G|; skipped if a gradient is not finite (when checking)."""
         pairs = [(s, w.detach(), g.detach()) for s, w, g in zip(state, weights, grads) if g is not None]
         if not pairs:
             return
-        scores, ws, gs = (list(x) for x in zip(*pairs))
-        products = list(torch._foreach_mul(ws, gs))
-        if ws[0].dtype != torch.float32:
-            products = [p.float() for p in products]
-        torch._foreach_abs_(products)
-        finite = torch.stack([torch.isfinite(p).all() for p in products]).all() if self._check_finite else None
-        if finite is not None and not bool(finite):
+        # One scratch buffer, reused for every tensor and step: allocating |W·G| afresh each step costs more
+        # (page faults) than the arithmetic.
+        largest = max(w.numel() for _, w, _ in pairs)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < largest or buffer.device != pairs[0][1].device:
+            buffer = self._buffer = torch.empty(largest, dtype=torch.float32, device=pairs[0][1].device)
+        if self._check_finite and not all(bool(torch.isfinite(g).all()) for _, _, g in pairs):
             return
-        if self.momentum != 1.0:
-            torch._foreach_mul_(scores, self.momentum)
-        torch._foreach_add_(scores, products, alpha=self.scale)
+        for score, w, g in pairs:
+            product = buffer[: w.numel()].view(w.shape)
+            if w.dtype == torch.float32 and g.dtype == torch.float32:
+                torch.mul(w, g, out=product)
+            else:
+                product.copy_(w).mul_(g)
+            torch.abs(product, out=product)
+            if self.momentum != 1.0:
+                score.mul_(self.momentum)
+            score.add_(product, alpha=self.scale)
+
+    _buffer: Tensor | None = None
 
     # Finite checks cost a pass over the products; they are only needed where gradients can overflow
     # (fp16 mixed precision). The callback switches them on for those precisions.

@@ -297,10 +297,12 @@ class Pruning(Callback):
             self._scores = [scores[fqn].to(p.device, torch.float32) for fqn, p in self._targets.items()]
 
     def _refresh_multipliers(self) -> None:
-        if all(bool(m.all()) for m in self._masks.values()):
-            self._multipliers = []
-            return
-        self._multipliers = [self._masks[fqn].to(p.dtype) for fqn, p in self._targets.items()]
+        if not self._multipliers:
+            if all(bool(m.all()) for m in self._masks.values()):
+                return
+            self._multipliers = [torch.empty_like(p) for p in self._targets.values()]
+        for multiplier, mask in zip(self._multipliers, self._masks.values()):
+            multiplier.copy_(mask)
 
     @torch.no_grad()
     def _zero_weights(self) -> None:
