@@ -154,12 +154,8 @@ class Pruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve and validate targets; raises before training with the model untouched."""
-        if stage != "fit":
-            return
-        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
-        for fqn, param in targets.items():
-            self.pattern.check(fqn, param.shape)
-        self._targets = targets
+        if stage == "fit":
+            self._targets = self._resolve_now(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
