@@ -164,7 +164,7 @@ class SnipMomentum(Criterion):
 
     _buffer: Tensor | None = None
 
-    # Finite checks cost a pass over the products; they are only needed where gradients can overflow
+    # Finite checks cost a pass over the gradients; they are only needed where gradients can overflow
     # (fp16 mixed precision). The callback switches them on for those precisions.
     _check_finite: bool = False
 
