@@ -31,14 +31,29 @@ class TinyModule(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = self.parameters()
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(params, lr=self.lr / 10)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr / 10, weight_decay=0.1)
-        raise ValueError(self.optimizer_name)
+        return OPTIMIZERS[self.optimizer_name](self.parameters(), self.lr)
+
+
+class MomentumSGD(torch.optim.SGD):
+    """A subclass the callback cannot vouch for: it must fall back to re-zeroing weights after each step."""
+
+
+OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+    "sgd-nesterov-wd": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr / 10),
+    "adam-amsgrad-wd": lambda p, lr: torch.optim.Adam(p, lr=lr / 10, amsgrad=True, weight_decay=0.1),
+    "adamw": lambda p, lr: torch.optim.AdamW(p, lr=lr / 10, weight_decay=0.1),
+    "nadam": lambda p, lr: torch.optim.NAdam(p, lr=lr / 10, weight_decay=0.1, decoupled_weight_decay=True),
+    "radam": lambda p, lr: torch.optim.RAdam(p, lr=lr / 10),
+    "adamax": lambda p, lr: torch.optim.Adamax(p, lr=lr / 10),
+    "rmsprop": lambda p, lr: torch.optim.RMSprop(p, lr=lr / 10, momentum=0.9, centered=True),
+    "adagrad": lambda p, lr: torch.optim.Adagrad(p, lr=lr),
+    "adadelta": lambda p, lr: torch.optim.Adadelta(p, lr=1.0, weight_decay=0.1),
+    "rprop": lambda p, lr: torch.optim.Rprop(p, lr=lr / 10),
+    "adafactor": lambda p, lr: torch.optim.Adafactor(p, lr=lr / 10),
+    "sgd-subclass": lambda p, lr: MomentumSGD(p, lr=lr, momentum=0.9, weight_decay=0.1),
+}
 
 
 def mlp() -> nn.Module:

@@ -23,6 +23,24 @@ from lightning_prune.targets import compile_patterns, resolve_targets
 
 __all__ = ["Pruning"]
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# Optimizers (exact classes) whose update of an entry is exactly zero when the entry's weight, gradient and
+# first-moment state are zero (weight decay and second moments then move nothing). With these, pruned
+# weights stay zero if their first moments are zeroed once per pruning event and their gradients at every
+# step, so no pass over the weights is needed after each step. Values: the first-moment state names.
+_ZERO_KEEPING: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg",),
+    torch.optim.AdamW: ("exp_avg",),
+    torch.optim.NAdam: ("exp_avg",),
+    torch.optim.RAdam: ("exp_avg",),
+    torch.optim.Adamax: ("exp_avg",),
+    torch.optim.RMSprop: ("momentum_buffer",),
+    torch.optim.Adagrad: (),
+    torch.optim.Adadelta: (),
+}
+
 
 def _check_fraction(name: str, value: object, upper_open: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -125,7 +143,8 @@ class Pruning(Callback):
         self._last_event = -1
         self._resolved: Schedule | None = None
         self._pending: dict[str, Any] | None = None
-        self._stepped = False
+        self._stepped = False  # an optimizer stepped that may have moved pruned weights
+        self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -191,6 +210,7 @@ class Pruning(Callback):
         if event > self._last_event:
             self._prune(schedule.sparsity(event, self.target_sparsity))
             self._last_event = event
+            self._moments_cleared = None
             self._log_event(trainer, schedule.sparsity(event, self.target_sparsity))
             if event == schedule.num_events - 1:
                 self._scores = None  # no event left: running scores are no longer needed
@@ -199,7 +219,9 @@ class Pruning(Callback):
             if pairs:
                 grads, mults = (list(x) for x in zip(*pairs))
                 torch._foreach_mul_(grads, mults)
-            self._stepped = True
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
+            if self._moments_cleared is not optimizer and not self._clear_moments(optimizer):
+                self._stepped = True  # an optimizer we cannot reason about: re-zero the weights after it
 
     @override
     def on_train_batch_end(
@@ -301,6 +323,31 @@ class Pruning(Callback):
             multiplier.copy_(mask)
 
     @torch.no_grad()
+    def _clear_moments(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Zero the first moments of pruned weights if ``optimizer`` keeps zeros; False if it may not."""
+        names = _ZERO_KEEPING.get(type(optimizer))
+        if names is None:
+            return False
+        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in managed for p in self._targets.values() if p.grad is not None):
+            return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
+        moments: list[Tensor] = []
+        mults: list[Tensor] = []
+        for param, mult in zip(self._targets.values(), self._multipliers):
+            state = optimizer.state.get(param, {})
+            for name in names:
+                moment = state.get(name)
+                if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
+                    moments.append(moment)
+                    mults.append(mult)
+                elif moment is not None:
+                    return False
+        if moments:
+            torch._foreach_mul_(moments, mults)
+        self._moments_cleared = optimizer
+        return True
+
+    @torch.no_grad()
     def _zero_weights(self) -> None:
         if self._multipliers:
             torch._foreach_mul_([p.data for p in self._targets.values()], self._multipliers)
@@ -310,8 +357,13 @@ class Pruning(Callback):
         weights = list(self._targets.values())
         masks = list(self._masks.values())
         scores = self.criterion.scores(self._scores, weights, [w.grad for w in weights])
-        for score, mask in zip(scores, masks):
-            score.masked_fill_(~mask, -math.inf)  # pruned units sort first: masks stay monotone
+        # Pruned entries score -inf, so units holding them sort first and masks stay monotone. Arithmetic on
+        # the 0/1 multipliers does it: masked_fill_ with a scattered mask is ~30x slower on CPU.
+        for i, score in enumerate(scores):
+            score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)  # kept scores become finite
+            if self._multipliers:
+                score.div_(self._multipliers[i])  # kept: unchanged; pruned: +inf, -inf or NaN
+                score.nan_to_num_(nan=-math.inf, posinf=-math.inf)
         shapes = [tuple(w.shape) for w in weights]
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
         picks = select(
