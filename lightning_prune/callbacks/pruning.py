@@ -4,42 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
-from lightning_prune.report import format_report, sparsity_report
+from lightning_prune.report import format_report
 from lightning_prune.schedules import Iterative, Schedule
 from lightning_prune.selection import SCOPES, select
-from lightning_prune.targets import compile_patterns, resolve_targets
 
 __all__ = ["Pruning"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
-
-# Optimizers (exact classes) whose update of an entry is exactly zero when the entry's weight, gradient and
-# first-moment state are zero (weight decay and second moments then move nothing). With these, pruned
-# weights stay zero if their first moments are zeroed once per pruning event and their gradients at every
-# step, so no pass over the weights is needed after each step. Values: the first-moment state names.
-_ZERO_KEEPING: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
-    torch.optim.SGD: ("momentum_buffer",),
-    torch.optim.Adam: ("exp_avg",),
-    torch.optim.AdamW: ("exp_avg",),
-    torch.optim.NAdam: ("exp_avg",),
-    torch.optim.RAdam: ("exp_avg",),
-    torch.optim.Adamax: ("exp_avg",),
-    torch.optim.RMSprop: ("momentum_buffer",),
-    torch.optim.Adagrad: (),
-    torch.optim.Adadelta: (),
-}
 
 
 def _check_fraction(name: str, value: object, upper_open: bool) -> float:
@@ -50,7 +32,7 @@ def _check_fraction(name: str, value: object, upper_open: bool) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-class Pruning(Callback):
+class Pruning(MaskedWeights):
     """Prune a model while it trains (SPEC.md): pattern, criterion, schedule and scope in one callback.
 
     Masks are kept per target (True = kept) and only ever lose entries. Pruned weights are exactly zero after
@@ -110,13 +92,7 @@ class Pruning(Callback):
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
         self.scope = scope
-        op_list = [op_types] if isinstance(op_types, str) else list(op_types)
-        if not op_list or not all(isinstance(op, str) for op in op_list):
-            raise ValueError(f"op_types must be a non-empty list of module class names, got {op_types!r}")
-        self.op_types = tuple(op_list)
-        compile_patterns("include", include)
-        compile_patterns("exclude", exclude)
-        self.include, self.exclude = include, exclude
+        super().__init__(op_types, include, exclude)
         self.min_sparsity_per_layer = _check_fraction("min_sparsity_per_layer", min_sparsity_per_layer, False)
         self.max_sparsity_per_layer = _check_fraction("max_sparsity_per_layer", max_sparsity_per_layer, False)
         if self.min_sparsity_per_layer > self.max_sparsity_per_layer:
@@ -136,27 +112,11 @@ class Pruning(Callback):
                 f"({self.pattern.max_sparsity:g}); use target_sparsity <= {self.pattern.max_sparsity:g}"
             )
         self.log_per_layer = log_per_layer
-        self._targets: dict[str, torch.nn.Parameter] = {}
-        self._masks: dict[str, Tensor] = {}
-        self._multipliers: list[Tensor] = []  # masks in each weight's dtype: the fused zeroing is ~3x faster
         self._scores: list[Tensor] | None = None
         self._last_event = -1
         self._resolved: Schedule | None = None
-        self._pending: dict[str, Any] | None = None
-        self._stepped = False  # an optimizer stepped that may have moved pruned weights
-        self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
 
-    # ------------------------------------------------------------------ public read-only views
-    @property
-    def state_key(self) -> str:
-        """Identifies the parameters this callback owns, so that several instances can coexist."""
-        return self._generate_state_key(op_types=self.op_types, include=self.include, exclude=self.exclude)
-
-    @property
-    def masks(self) -> Mapping[str, Tensor]:
-        """Read-only mapping: parameter name → bool mask shaped like it, True = kept."""
-        return MappingProxyType(self._masks)
-
+    # ------------------------------------------------------------------ public views
     def config(self) -> dict[str, Any]:
         """The settings that define this pruning run, as stored in checkpoints."""
         return {
@@ -171,16 +131,9 @@ class Pruning(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve and validate targets; raises before training with the model untouched."""
-        if stage == "fit":
-            self._targets = self._resolve_now(pl_module)
-
-    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
-        params = dict(pl_module.named_parameters())
-        self._targets = {fqn: params[fqn] for fqn in self._targets or self._resolve_now(pl_module)}
+        self._bind(pl_module)
         self._resolved = self.schedule or self._default_schedule(trainer)
         if "16" in str(trainer.precision):
             self.criterion._check_finite = True  # type: ignore[attr-defined]
@@ -189,8 +142,7 @@ class Pruning(Callback):
             self._restore(state)
         else:
             self._masks = {fqn: torch.ones_like(p, dtype=torch.bool) for fqn, p in self._targets.items()}
-        self._refresh_multipliers()
-        self._zero_weights()
+        self._masks_changed()
 
     @override
     def on_before_optimizer_step(
@@ -210,27 +162,10 @@ class Pruning(Callback):
         if event > self._last_event:
             self._prune(schedule.sparsity(event, self.target_sparsity))
             self._last_event = event
-            self._moments_cleared = None
             self._log_event(trainer, schedule.sparsity(event, self.target_sparsity))
             if event == schedule.num_events - 1:
                 self._scores = None  # no event left: running scores are no longer needed
-        if self._multipliers:
-            pairs = [(w.grad, m) for w, m in zip(weights, self._multipliers) if w.grad is not None]
-            if pairs:
-                grads, mults = (list(x) for x in zip(*pairs))
-                torch._foreach_mul_(grads, mults)
-            optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
-            if self._moments_cleared is not optimizer and not self._clear_moments(optimizer):
-                self._stepped = True  # an optimizer we cannot reason about: re-zero the weights after it
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """After an optimizer step, set pruned weights to zero again (momentum and weight decay move them)."""
-        if self._stepped:
-            self._zero_weights()
-            self._stepped = False
+        self._mask_gradients(optimizer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,27 +194,12 @@ class Pruning(Callback):
             state["scores"] = {fqn: s.cpu() for fqn, s in zip(self._targets, self._scores)}
         return state
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep the state until ``on_train_start``, when the model and the schedule are final."""
-        self._pending = dict(state_dict)
-
     # ------------------------------------------------------------------ helpers
-    def report(self, pl_module: torch.nn.Module) -> list[Any]:
-        """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
-        return sparsity_report(pl_module, self._masks, str(self.pattern))
+    def _pattern_name(self) -> str:
+        return str(self.pattern)
 
-    def sparsity(self) -> float:
-        """Fraction of zeros over all targets, from the masks."""
-        total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
-        return 1.0 - kept / max(total, 1)
-
-    def _resolve_now(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
-        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
-        for fqn, param in targets.items():
-            self.pattern.check(fqn, param.shape)
-        return targets
+    def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
+        self.pattern.check(fqn, param.shape)
 
     def _default_schedule(self, trainer: pl.Trainer) -> Schedule:
         total = trainer.estimated_stepping_batches
@@ -298,59 +218,11 @@ class Pruning(Callback):
         if differs:
             detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differs.items())
             raise ValueError(f"the checkpoint was written under another pruning configuration ({detail})")
-        masks = state["masks"]
-        if set(masks) != set(self._targets):
-            raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
-        self._masks = {}
-        for fqn, param in self._targets.items():
-            mask = masks[fqn]
-            if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
-                )
-            self._masks[fqn] = mask.to(device=param.device, dtype=torch.bool)
+        self._masks = self._checked_masks(state["masks"])
         self._last_event = int(state["last_event"])
         scores = state.get("scores")
         if scores is not None:
             self._scores = [scores[fqn].to(p.device, torch.float32) for fqn, p in self._targets.items()]
-
-    def _refresh_multipliers(self) -> None:
-        if not self._multipliers:
-            if all(bool(m.all()) for m in self._masks.values()):
-                return
-            self._multipliers = [torch.empty_like(p) for p in self._targets.values()]
-        for multiplier, mask in zip(self._multipliers, self._masks.values()):
-            multiplier.copy_(mask)
-
-    @torch.no_grad()
-    def _clear_moments(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Zero the first moments of pruned weights if ``optimizer`` keeps zeros; False if it may not."""
-        names = _ZERO_KEEPING.get(type(optimizer))
-        if names is None:
-            return False
-        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in managed for p in self._targets.values() if p.grad is not None):
-            return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
-        moments: list[Tensor] = []
-        mults: list[Tensor] = []
-        for param, mult in zip(self._targets.values(), self._multipliers):
-            state = optimizer.state.get(param, {})
-            for name in names:
-                moment = state.get(name)
-                if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
-                    moments.append(moment)
-                    mults.append(mult)
-                elif moment is not None:
-                    return False
-        if moments:
-            torch._foreach_mul_(moments, mults)
-        self._moments_cleared = optimizer
-        return True
-
-    @torch.no_grad()
-    def _zero_weights(self) -> None:
-        if self._multipliers:
-            torch._foreach_mul_([p.data for p in self._targets.values()], self._multipliers)
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
@@ -377,8 +249,7 @@ class Pruning(Callback):
         )
         for pick, score, mask in zip(picks, scores, masks):
             mask.logical_and_(~self.pattern.expand(pick, score))
-        self._refresh_multipliers()
-        self._zero_weights()
+        self._masks_changed()
 
     def _log_event(self, trainer: pl.Trainer, scheduled: float) -> None:
         # Written to the loggers directly: `pl_module.log` only reaches them on `log_every_n_steps` steps,

@@ -1,0 +1,211 @@
+"""What every callback that holds masks shares: choosing the weights, keeping pruned ones at exactly zero.
+
+`MaskedWeights` resolves its targets (``op_types``/``include``/``exclude``), holds one bool mask per target
+(True = kept), zeroes the gradients of pruned weights before every optimizer step and makes sure the step
+leaves them at zero. Subclasses decide where masks come from: a pruning schedule (`Pruning`) or the zeros
+already in the weights (`PatternLock`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_prune.report import SparsityRow, sparsity_report
+from lightning_prune.targets import compile_patterns, resolve_targets
+
+__all__ = ["MaskedWeights"]
+
+# Optimizers (exact classes) whose update of an entry is exactly zero when the entry's weight, gradient and
+# first-moment state are zero (weight decay and second moments then move nothing). With these, pruned
+# weights stay zero if their first moments are zeroed once per mask change and their gradients at every
+# step, so no pass over the weights is needed after each step. Values: the first-moment state names.
+_ZERO_KEEPING: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg",),
+    torch.optim.AdamW: ("exp_avg",),
+    torch.optim.NAdam: ("exp_avg",),
+    torch.optim.RAdam: ("exp_avg",),
+    torch.optim.Adamax: ("exp_avg",),
+    torch.optim.RMSprop: ("momentum_buffer",),
+    torch.optim.Adagrad: (),
+    torch.optim.Adadelta: (),
+}
+
+
+class MaskedWeights(Callback):
+    """Base class: targets, their masks, and pruned weights kept at exactly zero through training.
+
+    Args:
+        op_types: module class names whose ``weight`` is a target.
+        include: regexes; only modules whose full name matches one are targets.
+        exclude: regexes; modules whose full name matches one are not targets.
+
+    Example:
+        >>> cb = MaskedWeights(op_types="Linear")
+        >>> cb.op_types
+        ('Linear',)
+    """
+
+    def __init__(
+        self,
+        op_types: str | Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+    ) -> None:
+        op_list = [op_types] if isinstance(op_types, str) else list(op_types)
+        if not op_list or not all(isinstance(op, str) for op in op_list):
+            raise ValueError(f"op_types must be a non-empty list of module class names, got {op_types!r}")
+        self.op_types = tuple(op_list)
+        compile_patterns("include", include)
+        compile_patterns("exclude", exclude)
+        self.include, self.exclude = include, exclude
+        self._targets: dict[str, torch.nn.Parameter] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._multipliers: list[Tensor] = []  # masks in each weight's dtype: the fused zeroing is ~3x faster
+        self._pending: dict[str, Any] | None = None
+        self._stepped = False  # an optimizer stepped that may have moved pruned weights
+        self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def state_key(self) -> str:
+        """Identifies the parameters this callback owns, so that several instances can coexist."""
+        return self._generate_state_key(op_types=self.op_types, include=self.include, exclude=self.exclude)
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Read-only mapping: parameter name → bool mask shaped like it, True = kept."""
+        return MappingProxyType(self._masks)
+
+    def sparsity(self) -> float:
+        """Fraction of zeros over all targets, from the masks."""
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / max(total, 1)
+
+    def report(self, pl_module: torch.nn.Module) -> list[SparsityRow]:
+        """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
+        return sparsity_report(pl_module, self._masks, self._pattern_name())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve and validate targets; raises before training with the model untouched."""
+        if stage == "fit":
+            self._targets = self._resolve_now(pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero the gradients of pruned weights; make sure the coming step leaves them at zero."""
+        self._mask_gradients(optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After a step by an optimizer that may move pruned weights, set them to zero again."""
+        if self._stepped:
+            self._zero_weights()
+            self._stepped = False
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until ``on_train_start``, when the model is final and its weights restored."""
+        self._pending = dict(state_dict)
+
+    # ------------------------------------------------------------------ for subclasses
+    def _pattern_name(self) -> str | None:
+        return None
+
+    def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
+        """Raise if ``param`` cannot be a target (e.g. its shape does not suit the pattern)."""
+
+    def _resolve_now(self, pl_module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
+        for fqn, param in targets.items():
+            self._check_target(fqn, param)
+        return targets
+
+    def _bind(self, pl_module: torch.nn.Module) -> None:
+        """Point the targets at the module's current parameters (strategies may have replaced them)."""
+        params = dict(pl_module.named_parameters())
+        self._targets = {fqn: params[fqn] for fqn in self._targets or self._resolve_now(pl_module)}
+
+    def _checked_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Saved masks, checked against the targets by name and shape, on the targets' devices."""
+        if set(masks) != set(self._targets):
+            raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
+        checked = {}
+        for fqn, param in self._targets.items():
+            mask = masks[fqn]
+            if tuple(mask.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+                )
+            checked[fqn] = mask.to(device=param.device, dtype=torch.bool)
+        return checked
+
+    def _masks_changed(self) -> None:
+        """Call after masks lost entries: refresh multipliers, zero the weights, re-check optimizer state."""
+        self._refresh_multipliers()
+        self._zero_weights()
+        self._moments_cleared = None
+
+    def _refresh_multipliers(self) -> None:
+        if not self._multipliers:
+            if all(bool(m.all()) for m in self._masks.values()):
+                return
+            self._multipliers = [torch.empty_like(p) for p in self._targets.values()]
+        for multiplier, mask in zip(self._multipliers, self._masks.values()):
+            multiplier.copy_(mask)
+
+    @torch.no_grad()
+    def _zero_weights(self) -> None:
+        if self._multipliers:
+            torch._foreach_mul_([p.data for p in self._targets.values()], self._multipliers)
+
+    def _mask_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._multipliers:
+            return
+        pairs = [(w.grad, m) for w, m in zip(self._targets.values(), self._multipliers) if w.grad is not None]
+        if pairs:
+            grads, mults = (list(x) for x in zip(*pairs))
+            torch._foreach_mul_(grads, mults)
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        if self._moments_cleared is not optimizer and not self._clear_moments(optimizer):
+            self._stepped = True  # an optimizer we cannot reason about: re-zero the weights after it
+
+    @torch.no_grad()
+    def _clear_moments(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Zero the first moments of pruned weights if ``optimizer`` keeps zeros; False if it may not."""
+        names = _ZERO_KEEPING.get(type(optimizer))
+        if names is None:
+            return False
+        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not all(id(p) in managed for p in self._targets.values() if p.grad is not None):
+            return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
+        moments: list[Tensor] = []
+        mults: list[Tensor] = []
+        for param, mult in zip(self._targets.values(), self._multipliers):
+            state = optimizer.state.get(param, {})
+            for name in names:
+                moment = state.get(name)
+                if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
+                    moments.append(moment)
+                    mults.append(mult)
+                elif moment is not None:
+                    return False
+        if moments:
+            torch._foreach_mul_(moments, mults)
+        self._moments_cleared = optimizer
+        return True
