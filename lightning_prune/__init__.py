@@ -9,8 +9,8 @@ Example:
     4x1
 """
 
-from lightning_prune.callbacks import PatternLock, Pruning
+from lightning_prune.callbacks import PatternLock, ProgressivePruning, Pruning
 from lightning_prune.report import SparsityRow, format_report, sparsity_report
 
-__all__ = ["PatternLock", "Pruning", "SparsityRow", "format_report", "sparsity_report"]
+__all__ = ["PatternLock", "ProgressivePruning", "Pruning", "SparsityRow", "format_report", "sparsity_report"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.callbacks.pattern_lock import PatternLock
+from lightning_prune.callbacks.progressive import ProgressivePruning
 from lightning_prune.callbacks.pruning import Pruning
 
-__all__ = ["MaskedWeights", "PatternLock", "Pruning"]
+__all__ = ["MaskedWeights", "PatternLock", "ProgressivePruning", "Pruning"]

@@ -149,9 +149,15 @@ class Pruning(MaskedWeights):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Update scores inside the window, prune at events, zero the gradients of pruned weights."""
-        schedule = self._resolved
-        if schedule is None:
+        if self._resolved is None:
             return
+        self._advance(trainer)
+        self._mask_gradients(optimizer)
+
+    def _advance(self, trainer: pl.Trainer) -> None:
+        """Scores and events for the step about to be taken."""
+        schedule = self._resolved
+        assert schedule is not None
         step = trainer.global_step
         weights = list(self._targets.values())
         if self.criterion.accumulates and schedule.start <= step <= schedule.end:
@@ -165,7 +171,6 @@ class Pruning(MaskedWeights):
             self._log_event(trainer, schedule.sparsity(event, self.target_sparsity))
             if event == schedule.num_events - 1:
                 self._scores = None  # no event left: running scores are no longer needed
-        self._mask_gradients(optimizer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,30 +231,39 @@ class Pruning(MaskedWeights):
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
+        scores = self._current_scores()
+        for plan, mask in zip(self._plan(scores, sparsity), self._masks.values()):
+            mask.logical_and_(~plan)
+        self._masks_changed()
+
+    def _current_scores(self) -> list[Tensor]:
+        """The criterion's element scores, -inf where pruned (so units holding pruned weights sort first)."""
         weights = list(self._targets.values())
-        masks = list(self._masks.values())
         scores = self.criterion.scores(self._scores, weights, [w.grad for w in weights])
-        # Pruned entries score -inf, so units holding them sort first and masks stay monotone. Arithmetic on
-        # the 0/1 multipliers does it: masked_fill_ with a scattered mask is ~30x slower on CPU.
+        # Arithmetic on the 0/1 multipliers: masked_fill_ with a scattered mask is ~30x slower on CPU.
         for i, score in enumerate(scores):
             score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)  # kept scores become finite
             if self._multipliers:
                 score.div_(self._multipliers[i])  # kept: unchanged; pruned: +inf, -inf or NaN
-                score.nan_to_num_(nan=-math.inf, posinf=-math.inf)
-        shapes = [tuple(w.shape) for w in weights]
+                score.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+        return scores
+
+    def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
+        """Element masks (True = pruned) of the pattern's units that reach ``sparsity``, pruned ones first."""
+        units = [self.pattern.unit_scores(s) for s in scores]
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
         picks = select(
-            [self.pattern.unit_scores(s) for s in scores],
-            [self.pattern.unit_sizes(shape) for shape in shapes],
-            [w.numel() for w in weights],
+            units,
+            [self.pattern.unit_sizes(tuple(s.shape)) for s in scores],
+            [s.numel() for s in scores],
             sparsity,
             self.scope,
             min_sparsity=self.min_sparsity_per_layer * scale,
             max_sparsity=self.max_sparsity_per_layer,
         )
-        for pick, score, mask in zip(picks, scores, masks):
-            mask.logical_and_(~self.pattern.expand(pick, score))
-        self._masks_changed()
+        # A unit holding a pruned weight is always taken whole, even where the budget's rounding would stop
+        # just before it: masks stay monotone and made of whole units.
+        return [self.pattern.expand(pick | (u == -math.inf), s) for pick, u, s in zip(picks, units, scores)]
 
     def _log_event(self, trainer: pl.Trainer, scheduled: float) -> None:
         # Written to the loggers directly: `pl_module.log` only reaches them on `log_every_n_steps` steps,

@@ -1,0 +1,188 @@
+"""``ProgressivePruning``: structured pruning eased in by unstructured interval masks between events."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_prune.callbacks.pruning import Pruning
+from lightning_prune.criteria import Criterion
+from lightning_prune.patterns import Pattern, Unstructured
+from lightning_prune.schedules import Schedule
+from lightning_prune.selection import prune_lowest
+
+__all__ = ["PROGRESSIVE_TYPES", "ProgressivePruning"]
+
+PROGRESSIVE_TYPES = ("scores",)
+
+
+class ProgressivePruning(Pruning):
+    """Structured pruning whose blocks are removed gradually, weight by weight, between events (SPEC.md (d)).
+
+    Between two structured events, ``progressive_steps - 1`` interval masks, evenly spaced, each take a
+    further share of the weights that the next event's structured mask would drop (planned from the current
+    scores), lowest-scored weights first. Interval masks may cut units partially; units with a pruned weight
+    rank first at the next event, so every structured event, and the end, leaves masks that fit the pattern
+    exactly, at the scheduled sparsity. The first event and the last are plain structured events.
+
+    Args:
+        progressive_steps: interval masks per gap between events, counting the event that completes them
+            (``4``: three interval masks, then the event). Each gap needs at least this many steps.
+        progressive_type: ``"scores"``: interval masks pick weights by score (the only type built; the
+            ``"linear"`` slice-by-slice variant is refused with an explicit error).
+
+    The other arguments are those of :class:`Pruning`.
+
+    Raises:
+        ValueError: an unstructured pattern, a schedule with fewer than two events, events closer than
+            ``progressive_steps`` steps, ``progressive_steps < 1`` or an unknown ``progressive_type``; also
+            everything :class:`Pruning` refuses.
+
+    Example:
+        >>> from lightning_prune.schedules import Iterative
+        >>> cb = ProgressivePruning(0.8, pattern="4x1", progressive_steps=4,
+        ...                         schedule=Iterative(start_step=0, end_step=400, frequency=100))
+        >>> cb.progressive_steps
+        4
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float,
+        pattern: str | Pattern = "4x1",
+        criterion: str | Criterion = "snip_momentum",
+        schedule: Schedule | None = None,
+        scope: str = "global",
+        op_types: str | Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        min_sparsity_per_layer: float = 0.0,
+        max_sparsity_per_layer: float = 0.98,
+        log_per_layer: bool = False,
+        progressive_steps: int = 4,
+        progressive_type: str = "scores",
+    ) -> None:
+        super().__init__(
+            target_sparsity,
+            pattern=pattern,
+            criterion=criterion,
+            schedule=schedule,
+            scope=scope,
+            op_types=op_types,
+            include=include,
+            exclude=exclude,
+            min_sparsity_per_layer=min_sparsity_per_layer,
+            max_sparsity_per_layer=max_sparsity_per_layer,
+            log_per_layer=log_per_layer,
+        )
+        if not isinstance(progressive_steps, int) or isinstance(progressive_steps, bool) or progressive_steps < 1:
+            raise ValueError(f"progressive_steps must be an int >= 1, got {progressive_steps!r}")
+        if progressive_type == "linear":
+            raise ValueError(
+                "progressive_type 'linear' (a growing slice along each block) is not implemented; choose one of "
+                f"{', '.join(map(repr, PROGRESSIVE_TYPES))}"
+            )
+        if progressive_type not in PROGRESSIVE_TYPES:
+            raise ValueError(
+                f"progressive_type {progressive_type!r} is not valid; choose one of "
+                f"{', '.join(map(repr, PROGRESSIVE_TYPES))}"
+            )
+        if isinstance(self.pattern, Unstructured):
+            raise ValueError(
+                "pattern 'unstructured' has nothing to ease in: its units are single weights already; use "
+                "Pruning, or a structured pattern ('4x1', '1xchannel', '2:4', ...)"
+            )
+        self.progressive_steps = progressive_steps
+        self.progressive_type = progressive_type
+        if self.schedule is not None:
+            self._check_schedule(self.schedule)
+        self._last_interval = (-1, 0)  # (event, interval) last applied
+
+    def config(self) -> dict[str, Any]:
+        """The settings stored in checkpoints."""
+        return {
+            **super().config(),
+            "progressive_steps": self.progressive_steps,
+            "progressive_type": self.progressive_type,
+        }
+
+    def _check_schedule(self, schedule: Schedule) -> None:
+        steps = schedule.event_steps()
+        if len(steps) < 2:
+            raise ValueError(
+                f"ProgressivePruning eases in between pruning events, but schedule {schedule!r} has one event; "
+                "use Pruning, or an Iterative schedule with start_step < end_step"
+            )
+        gap = min(b - a for a, b in itertools.pairwise(steps))
+        if gap < self.progressive_steps:
+            raise ValueError(
+                f"events of schedule {schedule!r} are {gap} steps apart, fewer than progressive_steps="
+                f"{self.progressive_steps}: every interval mask needs a step of its own; lower progressive_steps "
+                "or raise the frequency"
+            )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """As :class:`Pruning`; a default schedule is checked against ``progressive_steps`` too."""
+        self._check_schedule(self.schedule or self._default_schedule(trainer))  # before anything is touched
+        state = self._pending
+        super().on_train_start(trainer, pl_module)
+        if state is not None and "last_interval" in state:
+            event, interval = state["last_interval"]
+            self._last_interval = (int(event), int(interval))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """As :class:`Pruning`, plus the last interval mask applied."""
+        state = super().state_dict()
+        if self._pending is None:
+            state["last_interval"] = list(self._last_interval)
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def _advance(self, trainer: pl.Trainer) -> None:
+        last_event = self._last_event
+        super()._advance(trainer)
+        if self._last_event != last_event:
+            self._last_interval = (self._last_event, 0)  # a structured event completes the previous gap
+            return
+        schedule = self._resolved
+        assert schedule is not None
+        event = self._last_event
+        if event < 0 or event >= schedule.num_events - 1:
+            return
+        steps = schedule.event_steps()
+        begin, gap = steps[event], steps[event + 1] - steps[event]
+        interval = min((trainer.global_step - begin) * self.progressive_steps // gap, self.progressive_steps - 1)
+        done_event, done = self._last_interval
+        if done_event != event:
+            done = 0
+        if interval > done:
+            share = (interval - done) / (self.progressive_steps - done)
+            self._ease_in(schedule.sparsity(event + 1, self.target_sparsity), share)
+            self._last_interval = (event, interval)
+
+    @torch.no_grad()
+    def _ease_in(self, next_sparsity: float, share: float) -> None:
+        """Prune ``share`` of the still-kept weights that the next structured mask drops, lowest scores first."""
+        scores = self._current_scores()
+        plans = self._plan(scores, next_sparsity)
+        masks = list(self._masks.values())
+        # Pruned: -inf (counted first); in the plan: the weight's score; elsewhere: +inf (never taken).
+        candidates = [torch.where(plan | ~mask, score, math.inf) for plan, score, mask in zip(plans, scores, masks)]
+        pending = [int((plan & mask).sum()) for plan, mask in zip(plans, masks)]
+        pruned = [int((~mask).sum()) for mask in masks]
+        if self.scope == "local":
+            picks = [prune_lowest([c], [1], p + round(share * n))[0] for c, p, n in zip(candidates, pruned, pending)]
+        else:
+            picks = prune_lowest(candidates, [1] * len(candidates), sum(pruned) + round(share * sum(pending)))
+        for pick, mask in zip(picks, masks):
+            mask.logical_and_(~pick)
+        self._masks_changed()
