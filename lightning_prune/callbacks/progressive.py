@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.pruning import Pruning
 from lightning_prune.criteria import Criterion
 from lightning_prune.patterns import Pattern, Unstructured
+from lightning_prune.regularization import GroupLasso
 from lightning_prune.schedules import Schedule
 from lightning_prune.selection import prune_lowest
 
@@ -65,6 +66,7 @@ class ProgressivePruning(Pruning):
         min_sparsity_per_layer: float = 0.0,
         max_sparsity_per_layer: float = 0.98,
         log_per_layer: bool = False,
+        regularization: GroupLasso | None = None,
         progressive_steps: int = 4,
         progressive_type: str = "scores",
     ) -> None:
@@ -80,6 +82,7 @@ class ProgressivePruning(Pruning):
             min_sparsity_per_layer=min_sparsity_per_layer,
             max_sparsity_per_layer=max_sparsity_per_layer,
             log_per_layer=log_per_layer,
+            regularization=regularization,
         )
         if not isinstance(progressive_steps, int) or isinstance(progressive_steps, bool) or progressive_steps < 1:
             raise ValueError(f"progressive_steps must be an int >= 1, got {progressive_steps!r}")

@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.regularization import GroupLasso
 from lightning_prune.report import format_report
 from lightning_prune.schedules import Iterative, Schedule
 from lightning_prune.selection import SCOPES, select
@@ -57,6 +58,8 @@ class Pruning(MaskedWeights):
             proportionally at earlier events).
         max_sparsity_per_layer: global scope: the most sparsity of any layer.
         log_per_layer: also log ``prune/sparsity/<name>`` for every target at each event.
+        regularization: a :class:`~lightning_prune.regularization.GroupLasso`, applied to the targets' groups
+            of ``pattern`` after every optimizer step inside the pruning window.
 
     Raises:
         ValueError: an argument out of range or unknown (the message names it, shows it and lists choices).
@@ -82,6 +85,7 @@ class Pruning(MaskedWeights):
         min_sparsity_per_layer: float = 0.0,
         max_sparsity_per_layer: float = 0.98,
         log_per_layer: bool = False,
+        regularization: GroupLasso | None = None,
     ) -> None:
         self.target_sparsity = _check_fraction("target_sparsity", target_sparsity, upper_open=True)
         self.pattern = parse_pattern(pattern)
@@ -112,6 +116,13 @@ class Pruning(MaskedWeights):
                 f"({self.pattern.max_sparsity:g}); use target_sparsity <= {self.pattern.max_sparsity:g}"
             )
         self.log_per_layer = log_per_layer
+        if regularization is not None and not isinstance(regularization, GroupLasso):
+            raise TypeError(
+                f"regularization must be a GroupLasso or None, got {type(regularization).__name__} {regularization!r}"
+            )
+        if regularization is not None:
+            regularization.attach(self, self.pattern)
+        self.regularization = regularization
         self._scores: list[Tensor] | None = None
         self._last_event = -1
         self._resolved: Schedule | None = None
@@ -127,6 +138,7 @@ class Pruning(MaskedWeights):
             "schedule": repr(self._resolved or self.schedule),
             "min_sparsity_per_layer": self.min_sparsity_per_layer,
             "max_sparsity_per_layer": self.max_sparsity_per_layer,
+            "regularization": repr(self.regularization),
         }
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -153,6 +165,17 @@ class Pruning(MaskedWeights):
             return
         self._advance(trainer)
         self._mask_gradients(optimizer)
+        if self.regularization is not None and self._resolved.start <= trainer.global_step <= self._resolved.end:
+            self.regularization.before_step(self._targets, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep pruned weights at zero; then the group-lasso step, if any (pruned groups have norm 0)."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.regularization is not None:
+            self.regularization.after_step(self._targets)
 
     def _advance(self, trainer: pl.Trainer) -> None:
         """Scores and events for the step about to be taken."""
