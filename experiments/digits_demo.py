@@ -69,7 +69,9 @@ class DigitsCNN(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def train(epochs: int, pruning: Pruning | None, seed: int) -> tuple[DigitsCNN, float, float]:
+def train(
+    epochs: int, pruning: Pruning | None, seed: int, extra_callbacks: list[pl.Callback] | None = None
+) -> tuple[DigitsCNN, float, float]:
     """Train and test one model; returns it, test accuracy and seconds."""
     pl.seed_everything(seed, verbose=False)
     train_loader, test_loader = digits_loaders(seed=seed)
@@ -78,7 +80,7 @@ def train(epochs: int, pruning: Pruning | None, seed: int) -> tuple[DigitsCNN, f
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        callbacks=[pruning] if pruning else [],
+        callbacks=([pruning] if pruning else []) + (extra_callbacks or []),
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
