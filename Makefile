@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/digits_demo.py
+	$(PY) experiments/train.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

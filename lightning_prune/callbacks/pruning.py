@@ -141,6 +141,24 @@ class Pruning(MaskedWeights):
             "regularization": repr(self.regularization),
         }
 
+    def scheduled_sparsity(self, step: int) -> float:
+        """Sparsity the schedule asks for once optimizer step ``step`` is taken (0.0 before the first event).
+
+        Raises:
+            RuntimeError: ``schedule=None`` before training starts (its length is not known yet).
+
+        Example:
+            >>> from lightning_prune.schedules import Iterative
+            >>> cb = Pruning(0.8, schedule=Iterative(start_step=10, end_step=30, frequency=10, decay="linear"))
+            >>> [round(cb.scheduled_sparsity(s), 3) for s in (0, 10, 25, 30)]
+            [0.0, 0.267, 0.533, 0.8]
+        """
+        schedule = self._resolved or self.schedule
+        if schedule is None:
+            raise RuntimeError("schedule=None spans the whole run, whose length is known once training starts")
+        event = schedule.last_event_at(step)
+        return 0.0 if event < 0 else schedule.sparsity(event, self.target_sparsity)
+
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

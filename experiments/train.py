@@ -1,0 +1,168 @@
+"""The main job: train a model dense and pruned on the same budget; write results.json and plots.
+
+Usage (from the repository root):
+    python experiments/train.py                                   # digits, ResNet-style CNN, 4x1 at 80%
+    python experiments/train.py pattern=2in4 criterion=magnitude schedule.decay=cos pruner.target_sparsity=0.5
+    python experiments/train.py -m pattern=4x1,2in4 pruner.target_sparsity=0.5,0.7   # then experiments/report.py
+    python experiments/train.py experiment=nlp_minilm_bbc
+
+Into the Hydra run folder: results.json, sparsity_vs_step.png, layer_sparsity.png, mask.png, pruned.ckpt and
+the logger's files. The dense baseline is trained once per output folder (the sweep folder under -m) and
+reused by later runs with the same data, model, trainer and seed (``dense=train`` retrains, ``dense=skip``
+skips it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import experiments
+from experiments import plots
+from lightning_prune import PatternLock, Pruning, format_report
+from lightning_prune.callbacks import MaskedWeights
+
+log = logging.getLogger("experiments.train")
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class SparsityTrace(pl.Callback):
+    """Scheduled and achieved sparsity after every optimizer step."""
+
+    def __init__(self, pruner: MaskedWeights) -> None:
+        self.pruner = pruner
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step - 1
+        if self.rows and self.rows[-1]["step"] == step:
+            return  # gradient accumulation: no new step
+        achieved = self.pruner.sparsity()
+        target = self.pruner.scheduled_sparsity(step) if isinstance(self.pruner, Pruning) else achieved
+        self.rows.append({"step": step, "target": target, "achieved": achieved})
+
+
+def _fit_and_test(cfg: DictConfig, callbacks: list[pl.Callback], init_from: str | None) -> dict[str, Any]:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    if init_from:
+        state = torch.load(init_from, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state), strict=True)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    tested = trainer.test(model, datamodule=data, verbose=False)
+    return {"trainer": trainer, "model": model, "accuracy": float(tested[0]["test/acc"]), "seconds": seconds}
+
+
+def _dense_key(cfg: DictConfig) -> str:
+    """What makes two dense baselines the same: data, model, trainer, seed and budget."""
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "trainer")}
+    parts.update(seed=cfg.seed, steps=cfg.steps, init_from=cfg.init_from)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dense_baseline(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """Train the dense model, or reuse the one trained earlier in this output folder."""
+    if cfg.dense == "skip":
+        return None
+    cache = out.parent / "dense_baselines" / f"{_dense_key(cfg)}.json"
+    if cfg.dense == "reuse" and cache.exists():
+        log.info("dense baseline reused from %s", cache)
+        return {**json.loads(cache.read_text()), "reused_from": str(cache)}
+    dense_cfg = cfg.copy()
+    result = _fit_and_test(dense_cfg, [], cfg.init_from)
+    record = {"accuracy": result["accuracy"], "seconds": result["seconds"]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record))
+    return record
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One job: validate the pruner, dense baseline, pruned run, results.json and plots."""
+    if cfg.dense not in ("reuse", "train", "skip"):
+        raise ValueError(f"dense={cfg.dense!r} is not valid; choose one of 'reuse', 'train', 'skip'")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pruner = instantiate(cfg.pruner)  # bad pruning arguments fail here, before any training
+    if isinstance(pruner, PatternLock) and not cfg.init_from:
+        raise ValueError(
+            "pruner=pattern_lock locks the zeros of a sparse model: set init_from=<checkpoint>, e.g. the "
+            "pruned.ckpt that a pruning run wrote into its folder"
+        )
+    dense = dense_baseline(cfg, out)
+    trace = SparsityTrace(pruner)
+    pruned = _fit_and_test(cfg, [pruner, trace], cfg.init_from)
+    trainer, model = pruned["trainer"], pruned["model"]
+    if not cfg.trainer.get("fast_dev_run"):
+        trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)
+
+    rows = [row._asdict() for row in pruner.report(model)]
+    layers = [r for r in rows if r["name"] != "total"]
+    results = {
+        "pruner": type(pruner).__name__,
+        "pattern": str(getattr(pruner, "pattern", None)),
+        "criterion": str(getattr(pruner, "criterion", None)),
+        "schedule": repr(getattr(pruner, "schedule", None)),
+        "target_sparsity": getattr(pruner, "target_sparsity", None),
+        "sparsity": pruner.sparsity(),
+        "accuracy": pruned["accuracy"],
+        "seconds": pruned["seconds"],
+        "dense_accuracy": dense["accuracy"] if dense else None,
+        "dense_seconds": dense["seconds"] if dense else None,
+        "delta_points": 100 * (pruned["accuracy"] - dense["accuracy"]) if dense else None,
+        "steps": int(trainer.global_step),
+        "layers": layers,
+        "trace": trace.rows,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    if cfg.plots and trace.rows:
+        title = f"{results['pruner']} {results['pattern']} {results['criterion']}"
+        plots.sparsity_vs_step(trace.rows, out / "sparsity_vs_step.png", title)
+        plots.layer_sparsity(layers, out / "layer_sparsity.png", f"per-layer sparsity, total {results['sparsity']:.3f}")
+        # the layer whose sparsity is nearest the total, among the larger ones: a typical mask
+        big = {n: m for n, m in pruner.masks.items() if m.numel() >= 1024} or dict(pruner.masks)
+        name, mask = min(big.items(), key=lambda kv: abs(1 - kv[1].float().mean().item() - results["sparsity"]))
+        plots.mask_picture(name, mask, out / "mask.png", results["pattern"])
+
+    if dense:
+        print(
+            f"dense  accuracy {dense['accuracy']:.4f}  ({dense['seconds']:.1f} s{', reused' if 'reused_from' in dense else ''})"
+        )
+    print(f"pruned accuracy {pruned['accuracy']:.4f}  ({pruned['seconds']:.1f} s)", end="")
+    print(f"  delta {results['delta_points']:+.2f} points" if dense else "")
+    print(format_report(pruner.report(model)))
+    print(f"results: {out / 'results.json'}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the pruned accuracy (for sweepers)."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    return float(run(cfg)["accuracy"])
+
+
+if __name__ == "__main__":
+    assert experiments  # imported for its resolver
+    main()
