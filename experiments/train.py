@@ -145,9 +145,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         plots.mask_picture(name, mask, out / "mask.png", results["pattern"])
 
     if dense:
-        print(
-            f"dense  accuracy {dense['accuracy']:.4f}  ({dense['seconds']:.1f} s{', reused' if 'reused_from' in dense else ''})"
-        )
+        reused = ", reused" if "reused_from" in dense else ""
+        print(f"dense  accuracy {dense['accuracy']:.4f}  ({dense['seconds']:.1f} s{reused})")
     print(f"pruned accuracy {pruned['accuracy']:.4f}  ({pruned['seconds']:.1f} s)", end="")
     print(f"  delta {results['delta_points']:+.2f} points" if dense else "")
     print(format_report(pruner.report(model)))
