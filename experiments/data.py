@@ -37,6 +37,21 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: i
     return [torch.sort(torch.cat(p)).values for p in parts]
 
 
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of exactly ``n`` examples, classes in proportion (largest remainders), shuffled by ``seed``."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * n / len(labels)
+    take = quota.floor().long()
+    for i in torch.argsort(quota - take, descending=True)[: n - int(take.sum())]:
+        take[i] += 1
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for cls, k in zip(classes, take):
+        idx = torch.nonzero(labels == cls).squeeze(1)
+        picks.append(idx[torch.randperm(idx.numel(), generator=g)[: int(k)]])
+    return torch.sort(torch.cat(picks)).values
+
+
 class _SplitData(pl.LightningDataModule):
     """Train/val/test tensors behind loaders; subclasses fill ``self.splits`` in ``setup``."""
 
@@ -49,7 +64,7 @@ class _SplitData(pl.LightningDataModule):
 
     def _cap(self, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
         if self.subset is not None and self.subset < len(y):
-            keep = stratified_split(y, (self.subset / len(y),), self.seed)[0]
+            keep = stratified_subset(y, self.subset, self.seed)
             x, y = x[keep], y[keep]
         return TensorDataset(x, y)
 
@@ -224,5 +239,5 @@ class BBCNewsData(_SplitData):
         self.splits = {"train": self._cap(x[train], y[train])}
         for name, idx in (("val", val), ("test", test)):
             if self.eval_subset is not None and self.eval_subset < idx.numel():
-                idx = idx[stratified_split(y[idx], (self.eval_subset / idx.numel(),), self.seed)[0]]
+                idx = idx[stratified_subset(y[idx], self.eval_subset, self.seed)]
             self.splits[name] = TensorDataset(x[idx], y[idx])

@@ -1,0 +1,321 @@
+"""conf/ composes and instantiates; the main job, the samples and the sweep report run on tiny data."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import experiments  # noqa: F401  (registers the lp.frac resolver)
+from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, read_idx
+from experiments.report import write_report
+from experiments.train import run
+from lightning_prune import PatternLock, Pruning
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+TINY_BERT = "{hidden_size:32,num_hidden_layers:2,num_attention_heads:2,intermediate_size:64}"
+
+
+def configure(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"output_dir={tmp_path}", *overrides])
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def check_keys(node: object, where: str) -> None:
+    """Every key of every `_target_` node is a parameter of its target (no silently ignored keys)."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            target = get_method(node["_target_"]) if "." in node["_target_"] else None
+            params = inspect.signature(target).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                unknown = set(node) - set(params) - {"_target_", "_partial_", "_recursive_", "_convert_"}
+                assert not unknown, f"{where}: {sorted(unknown)} are not arguments of {node['_target_']}"
+        for key, value in node.items():
+            check_keys(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_keys(value, f"{where}[{i}]")
+
+
+def test_groups_are_the_documented_ones():
+    assert set(GROUPS) == {
+        "criterion",
+        "data",
+        "experiment",
+        "logger",
+        "model",
+        "pattern",
+        "pruner",
+        "schedule",
+        "trainer",
+    }
+    assert {"unstructured", "4x1", "1x4", "2x2", "channelx1", "1xchannel", "2in4"} <= set(options("pattern"))
+    assert set(options("criterion")) == {"magnitude", "gradient", "snip", "snip_momentum"}
+    assert set(options("schedule")) == {"oneshot", "iterative"}
+    assert set(options("pruner")) == {"basic", "pattern_lock", "progressive"}
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, o) for g in ["pattern", "criterion", "schedule", "pruner", "data", "logger", "trainer"] for o in options(g)],
+)
+def test_every_option_composes_and_instantiates(tmp_path, group, option):
+    overrides = [f"{group}={option}"]
+    if (group == "pruner" and option == "progressive") or (group == "pattern" and option == "unstructured"):
+        overrides.append("pruner=basic" if group == "pattern" else "pattern=4x1")
+    if group == "pattern" and option == "2in4":
+        overrides.append("pruner.target_sparsity=0.5")
+    cfg = configure(tmp_path, overrides)
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    check_keys(node, group)
+    if group == "data" and option == "fashion_mnist":
+        obj = instantiate(cfg[group], dir=str(tmp_path))
+    else:
+        obj = instantiate(cfg[group])
+    assert obj is not None
+    pruner = instantiate(cfg.pruner)
+    assert isinstance(pruner, (Pruning, PatternLock))
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_models_compose_with_matching_keys(tmp_path, option):
+    cfg = configure(tmp_path, [f"model={option}"])
+    check_keys(OmegaConf.to_container(cfg.model, resolve=True), "model")
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiments_compose(tmp_path, option):
+    cfg = configure(tmp_path, [f"experiment={option}"])
+    check_keys(OmegaConf.to_container(cfg, resolve=True), "")
+    assert isinstance(instantiate(cfg.pruner), Pruning)
+
+
+def test_nlp_experiment_prunes_the_encoder_linears_only(tmp_path):
+    cfg = configure(tmp_path, ["experiment=nlp_minilm_bbc"])
+    pruner = instantiate(cfg.pruner)
+    from experiments.models import Classifier, MiniLM
+
+    tiny_config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    net = MiniLM(pretrained=False, config=tiny_config)
+    names = set(pruner._resolve_now(Classifier(net, num_classes=5)))
+    assert names and all(n.startswith("net.bert.encoder.layer.") for n in names)
+    assert len(names) == 2 * 6, "q, k, v, attention output, intermediate, output in each of 2 layers"
+
+
+def test_documented_override_line(tmp_path):
+    cfg = configure(
+        tmp_path, ["pattern=2in4", "criterion=magnitude", "schedule.decay=cos", "pruner.target_sparsity=0.5"]
+    )
+    pruner = instantiate(cfg.pruner)
+    assert (str(pruner.pattern), str(pruner.criterion), pruner.schedule.decay, pruner.target_sparsity) == (
+        "2:4",
+        "magnitude",
+        "cos",
+        0.5,
+    )
+
+
+def test_misspelt_key_is_an_error(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="target_sparsty"):
+        configure(tmp_path, ["pruner.target_sparsty=0.5"])
+    cfg = configure(tmp_path, ["+pruner.target_sparsty=0.5"])  # forced in with '+': the target refuses it
+    with pytest.raises(Exception, match="target_sparsty"):
+        instantiate(cfg.pruner)
+
+
+def test_bad_value_fails_before_training(tmp_path):
+    cfg = configure(tmp_path, ["pruner.target_sparsity=1.5", "dense=train"])
+    with pytest.raises(Exception, match="target_sparsity"):
+        run(cfg)
+    assert not (tmp_path.parent / "dense_baselines").exists(), "nothing trained"
+
+
+def tiny(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "steps=6",
+        "data.subset=64",
+        "trainer.enable_progress_bar=false",
+        "trainer.check_val_every_n_epoch=1",
+        *extra,
+    ]
+
+
+def test_main_job_writes_results_and_plots_and_reuses_the_dense_baseline(tmp_path):
+    first = run(configure(tmp_path / "a", tiny(tmp_path, "pruner.target_sparsity=0.5")))
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"results.json", "sparsity_vs_step.png", "layer_sparsity.png", "mask.png", "pruned.ckpt", "logs"} <= files
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert saved["dense_accuracy"] is not None and saved["delta_points"] is not None
+    assert saved["trace"][-1]["target"] == pytest.approx(0.5)
+    assert any(Path(tmp_path / "a" / "logs").rglob("metrics.csv"))
+    second = run(configure(tmp_path / "b", tiny(tmp_path, "pattern=2in4", "pruner.target_sparsity=0.5")))
+    assert second["dense_accuracy"] == first["dense_accuracy"], "same folder, same budget: the baseline is reused"
+    assert (
+        "reused" in (tmp_path / "b" / "results.json").read_text() or second["dense_seconds"] == first["dense_seconds"]
+    )
+
+    # pattern lock from the pruned checkpoint: the zeros stay
+    locked = run(
+        configure(tmp_path / "c", tiny(tmp_path, "pruner=pattern_lock", f"init_from={tmp_path / 'a' / 'pruned.ckpt'}"))
+    )
+    assert locked["pruner"] == "PatternLock"
+    assert locked["sparsity"] == pytest.approx(saved["sparsity"], abs=1e-6)
+
+
+def test_pattern_lock_without_init_from_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="init_from"):
+        run(configure(tmp_path, tiny(tmp_path, "pruner=pattern_lock")))
+
+
+@pytest.mark.parametrize("pruner", ["basic", "progressive"])
+def test_fast_dev_run_cv(tmp_path, pruner):
+    overrides = tiny(tmp_path, f"pruner={pruner}", "trainer.fast_dev_run=true", "dense=skip", "steps=200")
+    out = run(configure(tmp_path, overrides))
+    assert out["pruner"] == ("ProgressivePruning" if pruner == "progressive" else "Pruning")
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape)
+    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 200), ("t10k", 50)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", torch.randint(0, 256, (n, 28, 28), generator=g))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", torch.arange(n) % 10)
+    assert read_idx(tmp_path / "t10k-labels-idx1-ubyte").tolist()[:3] == [0, 1, 2]
+    out = run(
+        configure(
+            tmp_path / "run",
+            tiny(tmp_path, "experiment=cv_fashion_mnist", f"data.dir={tmp_path}", "trainer.fast_dev_run=true"),
+        )
+    )
+    assert out["accuracy"] is not None
+
+
+def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        FashionMNISTData(dir=str(tmp_path)).prepare_data()
+
+
+def test_bbc_news_loader_reads_the_packaged_files():
+    texts, labels, classes = load_bbc_news()
+    assert len(texts) == 2225 and classes == sorted(classes) and len(classes) == 5
+    assert sorted(set(labels)) == list(range(5))
+    data = BBCNewsData(max_length=16, subset=50, eval_subset=25, seed=3)
+    data.setup()
+    x, y = data.splits["train"][:]
+    assert x.shape == (50, 2, 16) and x.dtype == torch.long
+    assert torch.bincount(y, minlength=5).min() >= 9, "stratified"
+    again = BBCNewsData(max_length=16, subset=50, eval_subset=25, seed=3)
+    again.setup()
+    assert torch.equal(again.splits["test"][:][0], data.splits["test"][:][0]), "fixed split for a seed"
+
+
+def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
+    out = run(
+        configure(
+            tmp_path,
+            tiny(
+                tmp_path,
+                "experiment=nlp_minilm_bbc",
+                "model.net.pretrained=false",
+                f"+model.net.config={TINY_BERT}",
+                "data.subset=40",
+                "data.eval_subset=20",
+                "data.max_length=16",
+                "steps=4",
+            ),
+        )
+    )
+    assert out["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert all(r["name"].startswith("net.bert.encoder.layer.") for r in out["layers"])
+
+
+def test_sweep_report_from_a_fabricated_multirun(tmp_path):
+    for i, (pattern, sparsity, acc) in enumerate([("4x1", 0.5, 0.97), ("4x1", 0.8, 0.95), ("2:4", 0.5, 0.96)]):
+        job = tmp_path / str(i)
+        job.mkdir()
+        result = {
+            "pruner": "Pruning",
+            "pattern": pattern,
+            "criterion": "snip_momentum",
+            "schedule": "Iterative(...)",
+            "target_sparsity": sparsity,
+            "sparsity": sparsity,
+            "accuracy": acc,
+            "dense_accuracy": 0.98,
+            "delta_points": 100 * (acc - 0.98),
+            "seconds": 1.5,
+        }
+        (job / "results.json").write_text(json.dumps(result))
+    rows = write_report(tmp_path)
+    assert len(rows) == 3
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1 | Pruning | 4x1 | snip_momentum |" in md and "-3.00" in md
+    assert (tmp_path / "report.csv").read_text().count("\n") == 4
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        write_report(tmp_path / "0" / "missing")
+
+
+def test_callbacks_from_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "cli.yaml"
+    config.write_text(
+        """
+seed_everything: 0
+trainer:
+  max_steps: 6
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_prune.Pruning
+      init_args:
+        target_sparsity: 0.5
+        pattern: 2x2
+        criterion:
+          class_path: lightning_prune.criteria.SnipMomentum
+          init_args: {momentum: 0.9, scale: 1.0}
+        schedule:
+          class_path: lightning_prune.schedules.Iterative
+          init_args: {start_step: 0, end_step: 4, frequency: 2, decay: cos}
+        regularization:
+          class_path: lightning_prune.regularization.GroupLasso
+          init_args: {coeff: 0.001}
+model:
+  class_path: experiments.models.Classifier
+  init_args:
+    net:
+      class_path: experiments.models.ResNetSmall
+      init_args: {widths: [8, 16]}
+    num_classes: 10
+data:
+  class_path: experiments.data.DigitsData
+  init_args: {subset: 64}
+"""
+    )
+    cli = LightningCLI(run=False, args=["--config", str(config)], save_config_callback=None)
+    pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Pruning))
+    assert (str(pruning.pattern), pruning.criterion.momentum, pruning.schedule.decay) == ("2x2", 0.9, "cos")
+    assert pruning.regularization.coeff == 0.001
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert pruning.sparsity() == pytest.approx(0.5, abs=0.01)
