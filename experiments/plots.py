@@ -63,9 +63,18 @@ def mask_picture(
 def pareto(series: dict[str, list[tuple[float, float]]], dense: float | None, path: Path, title: str) -> None:
     """Accuracy against sparsity, one series per label, each series' points joined in sparsity order."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    markers, styles = "osD^vP*X", ["-", "--", ":", "-."]
     for i, (label, points) in enumerate(sorted(series.items())):
         points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i % 10}", label=label)
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=markers[i % len(markers)],
+            ls=styles[i % len(styles)],
+            markersize=8 - (i % 4),  # series that coincide stay visible
+            color=f"C{i % 10}",
+            label=label,
+        )
     if dense is not None:
         ax.axhline(dense, color="0.4", ls="--", lw=1, label="dense")
     ax.set(xlabel="sparsity reached", ylabel="test accuracy", title=title)

@@ -319,3 +319,13 @@ data:
     assert pruning.regularization.coeff == 0.001
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert pruning.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed"
+)
+def test_fashion_mnist_debian_package(tmp_path):
+    data = FashionMNISTData(subset=100)
+    data.setup()
+    x, y = data.splits["train"][:]
+    assert x.shape == (100, 1, 28, 28) and len(data.splits["test"]) == 10_000
