@@ -73,6 +73,9 @@ class MaskedWeights(Callback):
         self._pending: dict[str, Any] | None = None
         self._stepped = False  # an optimizer stepped that may have moved pruned weights
         self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
+        # Parameters kept at zero along with the targets (a pruned filter's bias and norm entries), each with
+        # the target whose mask decides it: (parameter, target name, its 0/1 multiplier).
+        self._coupled: list[tuple[torch.nn.Parameter, str, Tensor]] = []
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -168,16 +171,25 @@ class MaskedWeights(Callback):
             self._multipliers = [torch.empty_like(p) for p in self._targets.values()]
         for multiplier, mask in zip(self._multipliers, self._masks.values()):
             multiplier.copy_(mask)
+        for _, fqn, multiplier in self._coupled:
+            mask = self._masks[fqn]
+            multiplier.copy_(mask.reshape(mask.shape[0], -1).any(dim=1))  # a filter with any weight left
+
+    def _pairs(self) -> tuple[list[torch.nn.Parameter], list[Tensor]]:
+        """Every parameter kept at zero with its multiplier: the targets, then the coupled parameters."""
+        params = [*self._targets.values(), *(p for p, _, _ in self._coupled)]
+        return params, [*self._multipliers, *(m for _, _, m in self._coupled)]
 
     @torch.no_grad()
     def _zero_weights(self) -> None:
         if self._multipliers:
-            torch._foreach_mul_([p.data for p in self._targets.values()], self._multipliers)
+            params, mults = self._pairs()
+            torch._foreach_mul_([p.data for p in params], mults)
 
     def _mask_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._multipliers:
             return
-        pairs = [(w.grad, m) for w, m in zip(self._targets.values(), self._multipliers) if w.grad is not None]
+        pairs = [(w.grad, m) for w, m in zip(*self._pairs()) if w.grad is not None]
         if pairs:
             grads, mults = (list(x) for x in zip(*pairs))
             torch._foreach_mul_(grads, mults)
@@ -191,12 +203,13 @@ class MaskedWeights(Callback):
         names = _ZERO_KEEPING.get(type(optimizer))
         if names is None:
             return False
+        params, multipliers = self._pairs()
         managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in managed for p in self._targets.values() if p.grad is not None):
+        if not all(id(p) in managed for p in params if p.grad is not None):
             return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
         moments: list[Tensor] = []
         mults: list[Tensor] = []
-        for param, mult in zip(self._targets.values(), self._multipliers):
+        for param, mult in zip(params, multipliers):
             state = optimizer.state.get(param, {})
             for name in names:
                 moment = state.get(name)

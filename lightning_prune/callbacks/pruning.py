@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.criteria import Criterion, parse_criterion
-from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.patterns import Channel, Pattern, parse_pattern
 from lightning_prune.regularization import GroupLasso
 from lightning_prune.report import format_report
 from lightning_prune.schedules import Iterative, Schedule
@@ -124,6 +124,7 @@ class Pruning(MaskedWeights):
             regularization.attach(self, self.pattern)
         self.regularization = regularization
         self._scores: list[Tensor] | None = None
+        self._hooks: list[Any] = []  # forward hooks that find a pruned filter's coupled bias and norm
         self._last_event = -1
         self._resolved: Schedule | None = None
 
@@ -172,6 +173,8 @@ class Pruning(MaskedWeights):
             self._restore(state)
         else:
             self._masks = {fqn: torch.ones_like(p, dtype=torch.bool) for fqn, p in self._targets.items()}
+        if isinstance(self.pattern, Channel) and self.pattern.kind == "output":
+            self._watch_coupling(pl_module)
         self._masks_changed()
 
     @override
@@ -181,6 +184,8 @@ class Pruning(MaskedWeights):
         """Update scores inside the window, prune at events, zero the gradients of pruned weights."""
         if self._resolved is None:
             return
+        if self._hooks:
+            self._stop_watching()
         self._advance(trainer)
         self._mask_gradients(optimizer)
         if self.regularization is not None and self._resolved.start <= trainer.global_step <= self._resolved.end:
@@ -275,6 +280,54 @@ class Pruning(MaskedWeights):
         scores = self._current_scores()
         for plan, mask in zip(self._plan(scores, sparsity), self._masks.values()):
             mask.logical_and_(~plan)
+        self._masks_changed()
+
+    def _watch_coupling(self, pl_module: torch.nn.Module) -> None:
+        """Record, during the first forward pass, each target's bias and the BatchNorm that reads its output.
+
+        A filter whose weights are all pruned must output exactly zero, so that slimming can remove it without
+        changing the model: its bias and its BatchNorm's weight and bias entries are kept at zero too.
+        """
+        names = {id(m): n for n, m in pl_module.named_modules()}
+        owners = {fqn.rpartition(".")[0]: fqn for fqn in self._targets}
+        produced: dict[int, str] = {}
+        self._coupling: dict[str, list[tuple[str, torch.nn.Parameter]]] = {fqn: [] for fqn in self._targets}
+        for module_name, fqn in owners.items():
+            module = pl_module.get_submodule(module_name)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.nn.Parameter) and bias.shape == (self._targets[fqn].shape[0],):
+                self._coupling[fqn].append((f"{module_name}.bias", bias))
+
+            def record(module: torch.nn.Module, args: Any, output: Any, fqn: str = fqn) -> None:
+                if isinstance(output, Tensor):
+                    produced[id(output)] = fqn
+
+            self._hooks.append(module.register_forward_hook(record))
+
+        def norm_reads(module: torch.nn.Module, args: Any) -> None:
+            fqn = produced.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+            if fqn is None or getattr(module, "weight", None) is None:
+                return
+            if module.weight.shape != (self._targets[fqn].shape[0],):
+                return
+            name = names[id(module)]
+            known = {n for n, _ in self._coupling[fqn]}
+            for leaf in ("weight", "bias"):
+                param = getattr(module, leaf, None)
+                if isinstance(param, torch.nn.Parameter) and f"{name}.{leaf}" not in known:
+                    self._coupling[fqn].append((f"{name}.{leaf}", param))
+
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                self._hooks.append(module.register_forward_pre_hook(norm_reads))
+
+    def _stop_watching(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._coupled = [
+            (param, fqn, torch.ones_like(param)) for fqn, params in self._coupling.items() for _, param in params
+        ]
         self._masks_changed()
 
     def _current_scores(self) -> list[Tensor]:
