@@ -355,10 +355,11 @@ def to_semi_structured(model: nn.Module, masks: Mapping[str, Tensor], inplace: b
         ValueError: a weight's dtype is not float16/bfloat16.
 
     Example:
-        >>> to_semi_structured(nn.Linear(8, 8), {})  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        RuntimeError: to_semi_structured needs CUDA ...
+        >>> try:
+        ...     to_semi_structured(nn.Linear(8, 8), {})
+        ... except RuntimeError as err:
+        ...     print(str(err)[:34])
+        to_semi_structured needs CUDA: tor
     """
     params = _check_masks(model, masks)
     devices = {p.device.type for name, p in params.items() if name in masks} or {p.device.type for p in params.values()}
