@@ -248,11 +248,15 @@ def _check_equal(masked: nn.Module, slimmed: nn.Module, example_inputs: Any) -> 
     a, b = _forward(masked.eval(), example_inputs), _forward(slimmed.eval(), example_inputs)
     a = a if isinstance(a, Tensor) else getattr(a, "last_hidden_state", a[0])
     b = b if isinstance(b, Tensor) else getattr(b, "last_hidden_state", b[0])
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        diff = float((a - b).abs().max()) if a.shape == b.shape else math.inf
+    if a.shape != b.shape:
         raise ValueError(
-            f"the slimmed model's outputs differ from the masked model's (max |diff| {diff:.3g}); a removed "
-            "channel was not exactly zero: were the coupled bias/norm entries trained under Pruning?"
+            f"slimming changed the output shape from {tuple(a.shape)} to {tuple(b.shape)}: the masks prune output "
+            "channels of the model's last layer; exclude that layer from pruning"
+        )
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"the slimmed model's outputs differ from the masked model's (max |diff| {float((a - b).abs().max()):.3g});"
+            " a removed channel was not exactly zero: were the coupled bias/norm entries trained under Pruning?"
         )
 
 

@@ -1,0 +1,152 @@
+"""What export buys: CPU latency, parameters and MACs of dense, masked and slimmed models; checkpoint sizes.
+
+Models are pruned by the `Pruning` callback itself (one-shot magnitude at step 0, a few training steps on
+random data), so masks and the zeroed coupled bias/BatchNorm entries are exactly what training leaves.
+Latencies: the three variants run alternately, in one process, batch after batch; medians of per-round
+ratios to dense are reported (timings on shared machines drift).
+
+- cnn: the benchmark CNN (conv-BN-ReLU stages) at 50% output channels, every conv.
+- resnet: the sample ResNetSmall at 50% output channels of the layers outside residual additions
+  (each block's first conv and the stem), the channels slim can remove without changing outputs.
+- minilm: MiniLM-L6 with 50% of its FFN intermediate neurons (1xchannel on intermediate.dense).
+- checkpoint: MiniLM at 90% unstructured: save_sparse against a dense safetensors file.
+
+Usage: python benchmarks/export.py [--rounds 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.step_overhead import cnn
+from experiments.models import Classifier, MiniLM, ResNetSmall
+from lightning_prune import Pruning
+from lightning_prune.export import make_permanent, save_sparse, slim
+from lightning_prune.schedules import OneShot
+
+
+def prune(net: nn.Module, inputs: torch.Tensor, classes: int, **pruning: Any) -> dict[str, torch.Tensor]:
+    """Masks from the Pruning callback after 3 steps on random data (prefix 'net.' removed)."""
+    model = Classifier(net, num_classes=classes, schedule="constant", lr=1e-4)
+    cb = Pruning(schedule=OneShot(step=0), criterion="magnitude", **pruning)
+    data = TensorDataset(inputs, torch.randint(0, classes, (len(inputs),)))
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=max(1, len(inputs) // 3)))
+    return {k.removeprefix("net."): v for k, v in cb.masks.items()}
+
+
+@torch.no_grad()
+def latency(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median ratio of each model's latency to the first one's, run alternately."""
+    for m in models.values():
+        m.eval()
+        m(x)
+    ratios: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
+        times = {}
+        for name, m in order:
+            start = time.perf_counter()
+            m(x)
+            times[name] = time.perf_counter() - start
+        base = times[next(iter(models))]
+        for name in models:
+            ratios[name].append(times[name] / base)
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
+def compare(title: str, net: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor, rounds: int) -> None:
+    masked = make_permanent(net, masks)
+    small, report = slim(net, masks, x[:2])
+    ratios = latency({"dense": net, "masked": masked, "slimmed": small}, x, rounds)
+    print(
+        f"| {title} | {ratios['masked']:.2f}x | {ratios['slimmed']:.2f}x | "
+        f"{report['params_before'] / 1e6:.3f}M → {report['params_after'] / 1e6:.3f}M | "
+        f"{report['macs_before'] / 1e6:.1f}M → {report['macs_after'] / 1e6:.1f}M |",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="small inputs and few rounds, to check that it runs")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    rounds = 3 if args.quick else args.rounds
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds; median ratios to dense\n")
+    print("| model | masked latency | slimmed latency | parameters | MACs |")
+    print("|---|---|---|---|---|")
+
+    batch = 8 if args.quick else 64
+    x = torch.randn(batch, 1, 28, 28)
+    net = cnn()
+    masks = prune(net, x, 10, target_sparsity=0.5, pattern="1xchannel", scope="local", op_types="Conv2d")
+    compare(f"cnn 28x28, batch {batch}, 50% output channels", net, masks, x, rounds)
+
+    x = torch.randn(batch, 1, 28, 28)
+    net = ResNetSmall(widths=(32, 64, 128))
+    outside = r"net\.(stem\.0|stages\.\d+\.conv1)"
+    masks = prune(net, x, 10, target_sparsity=0.5, pattern="1xchannel", scope="local", include=outside)
+    compare(f"resnet_small (32-64-128) 28x28, batch {batch}, 50% of non-residual channels", net, masks, x, rounds)
+
+    length, batch = (16, 2) if args.quick else (128, 8)
+    ids = torch.randint(1000, 20000, (batch, 2, length))
+    ids[:, 1] = 1
+    net = MiniLM(num_classes=5)
+    ffn = r"net\.bert\.encoder\.layer\.\d+\.intermediate\.dense"
+    masks = prune(net, ids, 5, target_sparsity=0.5, pattern="1xchannel", scope="local", include=ffn)
+    compare(f"MiniLM-L6, batch {batch} x {length} tokens, 50% FFN neurons", net, masks, ids, rounds)
+
+    net = MiniLM(num_classes=5)
+    masks = prune(net, ids, 5, target_sparsity=0.9, pattern="unstructured", include=r"net\.bert\.encoder\..*")
+    plain = make_permanent(net, masks)
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path, sparse_path = Path(tmp, "dense.safetensors"), Path(tmp, "sparse.safetensors")
+        save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(dense_path))
+        info = save_sparse(plain, sparse_path, masks)
+        dense_size = dense_path.stat().st_size
+        encoder = sum(m.numel() * 4 for m in masks.values())
+    print(
+        f"\ncheckpoint, MiniLM-L6 with its encoder Linears at 90% unstructured: dense safetensors "
+        f"{dense_size / 1e6:.1f} MB, save_sparse {info['bytes'] / 1e6:.1f} MB ({info['bytes'] / dense_size:.3f}x); "
+        f"the pruned encoder weights alone: {encoder / 1e6:.1f} MB dense"
+    )
+    net = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))
+    masks = {f"{i}.weight": torch.rand(2048, 2048) > 0.9 for i in (0, 1)}
+    plain = make_permanent(net, masks)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(Path(tmp, "d.safetensors")))
+        info = save_sparse(plain, Path(tmp, "s.safetensors"), masks)
+        ratio = info["bytes"] / Path(tmp, "d.safetensors").stat().st_size
+    print(f"checkpoint, 2 x Linear(2048, 2048) at 90% unstructured (all weights masked): {ratio:.3f}x of dense")
+
+
+if __name__ == "__main__":
+    main()
