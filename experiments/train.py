@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,8 +37,10 @@ import experiments
 from experiments import plots
 from lightning_prune import PatternLock, Pruning, format_report
 from lightning_prune.callbacks import MaskedWeights
+from lightning_prune.export import make_permanent, save_sparse, slim
 
 log = logging.getLogger("experiments.train")
+EXPORTS = ("none", "permanent", "slim", "sparse")
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -70,7 +73,28 @@ def _fit_and_test(cfg: DictConfig, callbacks: list[pl.Callback], init_from: str 
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
     tested = trainer.test(model, datamodule=data, verbose=False)
-    return {"trainer": trainer, "model": model, "accuracy": float(tested[0]["test/acc"]), "seconds": seconds}
+    accuracy = float(tested[0]["test/acc"])
+    return {"trainer": trainer, "model": model, "datamodule": data, "accuracy": accuracy, "seconds": seconds}
+
+
+def export(kind: str, model: pl.LightningModule, masks: dict[str, torch.Tensor], data: Any, out: Path) -> dict:
+    """Write the export artifact into ``out``; returns its path, size and (for slim) the report."""
+    model = model.cpu().eval()
+    if kind == "permanent":
+        path = out / "permanent.safetensors"
+        plain = make_permanent(model, masks)
+        save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+        info: dict[str, Any] = {}
+    elif kind == "sparse":
+        path = out / "sparse.safetensors"
+        info = save_sparse(model, path, masks)
+    else:
+        path = out / "slim.pt"
+        x = next(iter(data.test_dataloader()))[0][:2]
+        small, info = slim(model, masks, x)
+        torch.save(small, path)
+    print(f"export={kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return {"kind": kind, "path": str(path), "bytes": path.stat().st_size, **info}
 
 
 def _dense_key(cfg: DictConfig) -> str:
@@ -100,6 +124,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """One job: validate the pruner, dense baseline, pruned run, results.json and plots."""
     if cfg.dense not in ("reuse", "train", "skip"):
         raise ValueError(f"dense={cfg.dense!r} is not valid; choose one of 'reuse', 'train', 'skip'")
+    if cfg.get("export", "none") not in EXPORTS:
+        raise ValueError(f"export={cfg.export!r} is not valid; choose one of {', '.join(map(repr, EXPORTS))}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pruner = instantiate(cfg.pruner)  # bad pruning arguments fail here, before any training
@@ -134,6 +160,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "trace": trace.rows,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if cfg.get("export", "none") != "none":
+        results["export"] = export(cfg.export, model, dict(pruner.masks), pruned["datamodule"], out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if cfg.plots and trace.rows:
         title = f"{results['pruner']} {results['pattern']} {results['criterion']}"

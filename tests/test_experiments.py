@@ -329,3 +329,27 @@ def test_fashion_mnist_debian_package(tmp_path):
     data.setup()
     x, y = data.splits["train"][:]
     assert x.shape == (100, 1, 28, 28) and len(data.splits["test"]) == 10_000
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern", "artifact"),
+    [
+        ("permanent", "4x1", "permanent.safetensors"),
+        ("sparse", "4x1", "sparse.safetensors"),
+        ("slim", "1xchannel", "slim.pt"),
+    ],
+)
+def test_export_option_writes_the_artifact(tmp_path, kind, pattern, artifact):
+    out = run(
+        configure(
+            tmp_path, tiny(tmp_path, f"export={kind}", f"pattern={pattern}", "pruner.target_sparsity=0.5", "dense=skip")
+        )
+    )
+    assert (tmp_path / artifact).stat().st_size == out["export"]["bytes"] > 0
+    if kind == "slim":
+        assert out["export"]["params_after"] < out["export"]["params_before"]
+
+
+def test_unknown_export_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="export='onnx'.*'slim'"):
+        run(configure(tmp_path, tiny(tmp_path, "export=onnx")))
