@@ -11,7 +11,7 @@ ratios to dense are reported (timings on shared machines drift).
 - minilm: MiniLM-L6 with 50% of its FFN intermediate neurons (1xchannel on intermediate.dense).
 - checkpoint: MiniLM at 90% unstructured: save_sparse against a dense safetensors file.
 
-Usage: python benchmarks/export.py [--rounds 30] [--quick]
+Usage: python benchmarks/export.py [--rounds 100] [--quick]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def compare(title: str, net: nn.Module, masks: dict[str, torch.Tensor], x: torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="small inputs and few rounds, to check that it runs")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
