@@ -86,3 +86,38 @@ def test_default_schedule_needs_finite_training():
     cb = Pruning(0.5, pattern="unstructured")
     with pytest.raises(ValueError, match="schedule=None prunes over the whole run"):
         make_trainer([cb], max_steps=-1, max_epochs=-1, max_time={"seconds": 5}).fit(module, make_loader(module))
+
+
+def _fit(net, cb, steps=2):
+    import lightning.pytorch as pl
+    from conftest import TinyModule, make_loader, make_trainer
+
+    module = TinyModule(net, (net[0].in_features,))
+    make_trainer([cb], max_steps=steps).fit(module, make_loader(module))
+    assert isinstance(module, pl.LightningModule)
+    return module
+
+
+def test_pattern_that_fits_none_of_the_targets_is_an_error_before_training():
+    from torch import nn
+
+    from lightning_prune import Pruning
+
+    net = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 3))  # 1 input: no room for 2 of every 4
+    before = net[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"2:4.*at most 0\.0000.*net\.0\.weight"):
+        _fit(net, Pruning(0.5, pattern="2:4", include=r"net\.0"))
+    assert torch.equal(net[0].weight, before)
+
+
+def test_small_shortfall_from_partial_groups_warns_and_prunes_what_it_can():
+    from torch import nn
+
+    from lightning_prune import Pruning
+    from lightning_prune.schedules import OneShot
+
+    net = nn.Sequential(nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 3))
+    cb = Pruning(0.5, pattern="2:4", schedule=OneShot(step=0))  # 9 inputs: a last group of 1 that keeps its weight
+    with pytest.warns(UserWarning, match="as far as the pattern allows"):
+        _fit(net, cb)
+    assert 0.49 < cb.sparsity() < 0.5

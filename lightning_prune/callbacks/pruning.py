@@ -162,6 +162,40 @@ class Pruning(MaskedWeights):
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve and validate targets, and check that the pattern can reach the target on them."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._check_reachable()
+
+    def _check_reachable(self) -> None:
+        """Raise if the pattern cannot prune ``target_sparsity`` of the targets (e.g. layers narrower than M)."""
+        capacity = {}
+        for fqn, param in self._targets.items():
+            sizes = self.pattern.unit_sizes(tuple(param.shape))
+            units = self.pattern.unit_scores(torch.empty(param.shape, device="meta")).numel()
+            capacity[fqn] = sizes * units if isinstance(sizes, int) else int(sizes.sum())
+        total = sum(p.numel() for p in self._targets.values())
+        needed = round(self.target_sparsity * total)
+        short = sorted(f for f, p in self._targets.items() if capacity[f] < round(self.target_sparsity * p.numel()))
+        if self.scope == "local":
+            reachable = sum(min(capacity[f], round(self.target_sparsity * p.numel())) for f, p in self._targets.items())
+        else:
+            reachable = sum(
+                min(capacity[f], math.floor(self.max_sparsity_per_layer * p.numel())) for f, p in self._targets.items()
+            )
+        if reachable >= needed:
+            return
+        message = (
+            f"pattern '{self.pattern}' can prune at most {reachable / max(total, 1):.4f} of the targets, below "
+            f"target_sparsity {self.target_sparsity} ({self.scope} scope); layers it cannot bring to the target: "
+            f"{short[:6]}{' ...' if len(short) > 6 else ''}"
+        )
+        if reachable == 0 or needed - reachable > 0.01 * total:
+            raise ValueError(message + "; exclude them or choose another pattern")
+        rank_zero_warn(message + "; pruning goes as far as the pattern allows")
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
         self._bind(pl_module)
