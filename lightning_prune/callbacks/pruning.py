@@ -124,6 +124,7 @@ class Pruning(MaskedWeights):
             regularization.attach(self, self.pattern)
         self.regularization = regularization
         self._scores: list[Tensor] | None = None
+        self._check_finite = False
         self._hooks: list[Any] = []  # forward hooks that find a pruned filter's coupled bias and norm
         self._last_event = -1
         self._resolved: Schedule | None = None
@@ -200,6 +201,7 @@ class Pruning(MaskedWeights):
         """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
         self._bind(pl_module)
         self._resolved = self.schedule or self._default_schedule(trainer)
+        self._check_finite = str(trainer.precision).startswith("16")  # fp16 gradients can overflow
         if "16" in str(trainer.precision):
             self.criterion._check_finite = True  # type: ignore[attr-defined]
         state, self._pending = self._pending, None
@@ -238,6 +240,10 @@ class Pruning(MaskedWeights):
         """Scores and events for the step about to be taken."""
         schedule = self._resolved
         assert schedule is not None
+        if self._check_finite and not all(
+            bool(torch.isfinite(w.grad).all()) for w in self._targets.values() if w.grad is not None
+        ):
+            return  # a step the gradient scaler will skip: scores and masks wait for the next finite one
         step = trainer.global_step
         weights = list(self._targets.values())
         if self.criterion.accumulates and schedule.start <= step <= schedule.end:
