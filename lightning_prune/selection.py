@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["SCOPES", "count_pruned", "prune_lowest", "select"]
@@ -39,7 +41,27 @@ def _total(flat: Tensor, size: int | Tensor) -> int:
     return flat.numel() * size if isinstance(size, int) else int(size.sum())
 
 
-def _bracket(flat: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int) -> tuple[Tensor, int, int]:
+def _sum(value: int, group: Any) -> int:
+    """``value`` summed over the processes of ``group`` (itself without a group)."""
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t)
+
+
+def _gather(t: Tensor, group: Any) -> list[Tensor]:
+    """Every process's ``t``, in rank order (``[t]`` without a group)."""
+    if group is None:
+        return [t]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, t.cpu())
+    return [o.to(t.device) for o in out]
+
+
+def _bracket(
+    flat: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, group: Any = None
+) -> tuple[Tensor, int, int]:
     """A random sample of unit scores and the sample ranks that bracket the budget's threshold.
 
     Each tensor is sampled in proportion to its elements, so every sample stands for about the same number of
@@ -47,15 +69,15 @@ def _bracket(flat: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int)
     caller checks it against exact counts and widens it when it misses.
     """
     totals = [_total(f, z) for f, z in zip(flat, sizes)]
-    grand = sum(totals)
-    samples = _sample_size(sum(f.numel() for f in flat))
+    grand = _sum(sum(totals), group)
+    samples = _sample_size(_sum(sum(f.numel() for f in flat), group))
     generator = torch.Generator().manual_seed(0)
     values = []
     for f, total in zip(flat, totals):
         k = max(1, round(samples * total / grand))
         index = torch.randint(f.numel(), (k,), generator=generator).to(f.device)
         values.append(f[index].float())
-    sample = torch.cat(values).nan_to_num_(nan=math.inf)
+    sample = torch.cat(_gather(torch.cat(values) if values else torch.empty(0), group)).nan_to_num_(nan=math.inf)
     rank = round(budget / grand * sample.numel())
     # The sample rank of the true threshold has a standard deviation of at most sqrt(S)/2: +-6 sigma.
     margin = 3 * math.isqrt(sample.numel()) + 64
@@ -72,7 +94,7 @@ def _value_at(sample: Tensor, rank: int) -> float:
 
 
 def prune_lowest(
-    scores: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, nearest: bool = False
+    scores: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, nearest: bool = False, group: Any = None
 ) -> list[Tensor]:
     """Prune the lowest-scored units of several tensors, ``budget`` elements in all.
 
@@ -84,6 +106,9 @@ def prune_lowest(
         sizes: elements per unit for each tensor: an int, or a tensor shaped like its scores.
         budget: elements to prune.
         nearest: allow overshooting by less than half of the crossing unit.
+        group: a ``torch.distributed`` process group whose processes each hold some of the tensors (as under
+            sharding); counts are all-reduced and only the small bracket is gathered, so every process gets
+            its share of the one selection over all tensors, ordered (score, rank, tensor, position).
 
     Returns:
         One bool tensor per input (True = prune), shaped like its scores.
@@ -96,12 +121,12 @@ def prune_lowest(
     flat_sizes = [z if isinstance(z, int) else z.reshape(-1).to(f.device) for f, z in zip(flat, sizes)]
     if budget <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    if budget >= sum(_total(f, z) for f, z in zip(flat, flat_sizes)):
+    if budget >= _sum(sum(_total(f, z) for f, z in zip(flat, flat_sizes)), group):
         return [~torch.isnan(s) for s in scores]
-    if sum(f.numel() for f in flat) <= _SAMPLE:
+    if _sum(sum(f.numel() for f in flat), group) <= _SAMPLE:
         sample, lo_rank, hi_rank = torch.empty(0), -1, 0
     else:
-        sample, lo_rank, hi_rank = _bracket(flat, flat_sizes, budget)
+        sample, lo_rank, hi_rank = _bracket(flat, flat_sizes, budget, group)
     while True:
         lo, hi = _value_at(sample, lo_rank), _value_at(sample, hi_rank)
         below, inside, below_count = [], [], 0
@@ -110,6 +135,7 @@ def prune_lowest(
             below.append(b)
             below_count += count_pruned(b, z)
             inside.append(torch.logical_xor(f <= hi, b).nonzero().squeeze(1))  # lo <= f <= hi
+        below_count = _sum(below_count, group)
         if below_count > budget:  # the threshold lies under the bracket: widen it downwards
             lo_rank = lo_rank - 4 * (hi_rank - lo_rank) if lo_rank >= 0 else -1
             continue
@@ -117,20 +143,27 @@ def prune_lowest(
             torch.full((i.numel(),), z, dtype=torch.int64, device=i.device) if isinstance(z, int) else z[i]
             for i, z in zip(inside, flat_sizes)
         ]
-        if hi != math.inf and below_count + sum(int(s.sum()) for s in inside_sizes) <= budget:
+        inside_total = _sum(sum(int(s.sum()) for s in inside_sizes), group)
+        if hi != math.inf and below_count + inside_total <= budget:
             hi_rank = hi_rank + 4 * (hi_rank - lo_rank)  # the threshold lies above the bracket
             continue
         break
     # Resolve inside the bracket: a stable sort keeps (tensor, position) order among equal scores.
-    values = torch.cat([f[i].float() for f, i in zip(flat, inside)])
+    device = flat[0].device if flat else torch.device("cpu")
+    local_values = torch.cat([f[i].float() for f, i in zip(flat, inside)]) if flat else torch.empty(0)
+    local_sizes = torch.cat(inside_sizes) if inside_sizes else torch.empty(0, dtype=torch.int64)
+    all_values, all_sizes = _gather(local_values, group), _gather(local_sizes, group)
+    offset = sum(v.numel() for v in all_values[: dist.get_rank(group) if group is not None else 0])
+    values = torch.cat(all_values).to(device)
     order = torch.sort(values, stable=True).indices
-    cumulative = below_count + torch.cat(inside_sizes)[order].cumsum(0)
+    cumulative = below_count + torch.cat(all_sizes).to(device)[order].cumsum(0)
     count = int(torch.searchsorted(cumulative, budget, right=True))
     if nearest and count < cumulative.numel():
         before = int(cumulative[count - 1]) if count else below_count
         count += int(cumulative[count]) - budget < budget - before
     taken = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     taken[order[:count]] = True
+    taken = taken[offset : offset + local_values.numel()]
     for mask, index, take in zip(below, inside, taken.split([i.numel() for i in inside])):
         mask[index[take]] = True
     return [m.reshape(s.shape) for m, s in zip(below, scores)]

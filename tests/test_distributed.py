@@ -70,3 +70,40 @@ def test_masks_identical_on_every_rank_under_ddp_spawn(tmp_path, pattern, criter
     for row in saved["rows"]:
         assert len(row) == 2 and row[0] == row[1], "ranks disagree"
     assert saved["sparsity"] == pytest.approx(target, abs=0.02)
+
+
+def _select_on_rank(rank: int, world: int, init: str, out: str, sizes: list[int], budget: int) -> None:
+    from lightning_prune.selection import prune_lowest
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        tensors = [torch.randint(0, 5000, (n,), generator=g).float() for n in sizes]  # many ties
+        mine = tensors[rank::world]
+        unit = [1 if i % 2 else 2 for i in range(len(sizes))][rank::world]
+        picks = prune_lowest(mine, unit, budget, nearest=True, group=dist.group.WORLD)
+        torch.save(picks, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[300, 50, 700, 20], [40_000, 30_000, 25_000, 1_000, 9_000]])
+def test_counting_selection_split_across_processes_equals_one_process(tmp_path, sizes):
+    from lightning_prune.selection import prune_lowest
+
+    world = 2
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(0, 5000, (n,), generator=g).float() for n in sizes]
+    units = [1 if i % 2 else 2 for i in range(len(sizes))]
+    budget = int(0.6 * sum(n * u for n, u in zip(sizes, units)))
+    # one process, tensors in (rank, position-on-rank) order
+    order = [i for r in range(world) for i in range(r, len(sizes), world)]
+    expected = prune_lowest([tensors[i] for i in order], [units[i] for i in order], budget, nearest=True)
+    by_index = dict(zip(order, expected))
+    out = str(tmp_path / "picks")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_select_on_rank, args=(world, init, out, sizes, budget), nprocs=world)
+    for rank in range(world):
+        picks = torch.load(f"{out}.{rank}", weights_only=True)
+        for pick, index in zip(picks, range(rank, len(sizes), world)):
+            assert torch.equal(pick, by_index[index]), (rank, index)
