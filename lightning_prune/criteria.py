@@ -169,8 +169,8 @@ class SnipMomentum(Criterion):
 
     _buffer: Tensor | None = None
 
-    # Finite checks cost a pass over the gradients; they are only needed where gradients can overflow
-    # (fp16 mixed precision). The callback switches them on for those precisions.
+    # Finite checks cost a pass over the gradients; they are only needed in reduced precision. The callback
+    # switches them on for bf16; under fp16 it checks the gradients itself before calling update.
     _check_finite: bool = False
 
     def scores(

@@ -14,16 +14,12 @@ from lightning_prune.schedules import Iterative
 
 
 class Spy(pl.Callback):
-    """Runs after Pruning: records masks and running scores each step, and poisons one step's gradients."""
+    """Runs after Pruning: records masks and running scores each step."""
 
-    def __init__(self, cb: Pruning, poison_step: int | None = None) -> None:
-        self.cb, self.poison_step = cb, poison_step
+    def __init__(self, cb: Pruning) -> None:
+        self.cb = cb
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.scores: dict[int, list[torch.Tensor]] = {}
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if trainer.global_step == self.poison_step:
-            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step

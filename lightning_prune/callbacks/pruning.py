@@ -201,9 +201,12 @@ class Pruning(MaskedWeights):
         """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
         self._bind(pl_module)
         self._resolved = self.schedule or self._default_schedule(trainer)
-        self._check_finite = str(trainer.precision).startswith("16")  # fp16 gradients can overflow
-        if "16" in str(trainer.precision):
-            self.criterion._check_finite = True  # type: ignore[attr-defined]
+        precision = str(trainer.precision)
+        # fp16: a step with non-finite gradients is one the GradScaler skips; scores and masks both wait for
+        # the next finite step, checked here once (so the criterion need not scan the gradients again).
+        self._check_finite = precision.startswith("16")
+        # bf16: no scaler skips the step; the criterion only keeps non-finite products out of its scores.
+        self.criterion._check_finite = "bf16" in precision  # type: ignore[attr-defined]
         state, self._pending = self._pending, None
         if state is not None:
             self._restore(state)
