@@ -9,7 +9,7 @@ the reparametrisation it adds to every forward pass.
 Phases: before the window, non-event steps inside it, event steps, the window mean (mean pruned time over
 mean dense time across the window) and after `end_step`.
 
-Usage: python benchmarks/step_overhead.py [--steps 90] [--quick]
+Usage: python benchmarks/step_overhead.py [--steps 130] [--quick] [--only 'mlp 4x1024, batch 256 lightning_prune:4x1']
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=130)
     parser.add_argument("--quick", action="store_true", help="a few steps, to check that it runs")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh runs per row; each figure is their median")
+    parser.add_argument("--only", default="", help="run only the rows whose 'model method' contains this text")
     args = parser.parse_args()
     steps, start, end, frequency = (args.steps, 20, 80, 10) if not args.quick else (12, 2, 6, 2)
     methods = [
@@ -153,15 +155,21 @@ def main() -> None:
     ]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} steps, window {start}..{end}, "
-        f"events every {frequency}; target 0.8; median ratio of step time to a dense copy stepped alternately\n"
+        f"events every {frequency}; target 0.8; median ratio of step time to a dense copy stepped alternately; "
+        f"each figure the median of {args.repeats} fresh runs\n"
     )
     header = ["model", "method", "before", "window non-event", "event", "window mean", "after"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    print("| " + " | ".join([*header, "window mean, each run"]) + " |")
+    print("|" + "---|" * (len(header) + 1))
     for name in MODELS:
         for method in methods:
-            r = measure(name, method, steps, start, end, frequency)
+            if args.only not in f"{name} {method}":
+                continue
+            runs = [measure(name, method, steps, start, end, frequency) for _ in range(args.repeats)]
+            r = {k: statistics.median(run[k] for run in runs) for k in header[2:]}
+            spread = sorted(run["window mean"] for run in runs)
             cells = [name, method.replace("lightning_prune:", "ours "), *(f"{r[k]:.3f}x" for k in header[2:])]
+            cells.append(f"{spread[0]:.3f}-{spread[-1]:.3f}x")
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -164,7 +164,8 @@ class Block(Pattern):
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Repeat each block decision over its elements, cropping partial blocks."""
         m = as_matrix(scores)
-        full = pruned_units.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
+        r, c = pruned_units.shape
+        full = pruned_units[:, None, :, None].expand(r, self.rows, c, self.cols).reshape(r * self.rows, -1)
         return from_matrix(full[: m.shape[0], : m.shape[1]], scores.shape)
 
     def __repr__(self) -> str:

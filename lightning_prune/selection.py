@@ -4,7 +4,7 @@ Units are taken in ascending order of (score, tensor, position) and the longest 
 stays within the budget is pruned, so results are exact and deterministic, and the final sparsity is the
 target up to the size of one unit. Global selection never concatenates all scores (DESIGN.md, "count,
 don't concatenate"): a random sample brackets the threshold, one pass per tensor counts the units below the
-bracket, and only the units inside the small bracket are gathered and sorted.
+bracket, and only the units inside the small bracket are gathered and ordered.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from torch import Tensor
 __all__ = ["SCOPES", "count_pruned", "prune_lowest", "select"]
 
 SCOPES = ("global", "local")
-_SAMPLE = 1 << 16  # up to this many units, all of them form one bracket (a direct sort)
+_DIRECT = 1 << 16  # up to this many units, all of them form one bracket (no sample)
+_MIN_SAMPLE = 4096
+_SORTED = 4096  # candidates few enough to sort when units differ in size
 
 
 def _sample_size(n_units: int) -> int:
-    # Two k-th value searches cost ~10 ns per sample; the bracket holds ~6n/sqrt(S) units (+-6 sigma of the
-    # sample rank) and sorting them ~45 ns each: the two balance near S = (24n)^(2/3), e.g. 210k samples for
-    # 4M units, capped at 2M.
-    return max(_SAMPLE, min(1 << 21, round((24 * n_units) ** (2 / 3))))
+    # Two k-th value searches over the sample cost ~14 ns per sample; the bracket holds ~6n/sqrt(S) units
+    # (+-6 sigma of the sample rank), resolved by one more k-th value search and a few passes (~25 ns per
+    # unit). The two balance near S = (3n)^(2/3), e.g. 21k samples for 1M units; measured best among 1..24.
+    return max(_MIN_SAMPLE, min(1 << 21, round((3 * n_units) ** (2 / 3))))
 
 
 def count_pruned(pruned: Tensor, size: int | Tensor) -> int:
@@ -93,6 +95,66 @@ def _value_at(sample: Tensor, rank: int) -> float:
     return float(torch.kthvalue(sample, rank + 1).values)
 
 
+def _take_sorted(values: Tensor, sizes: Tensor, budget: int, nearest: bool) -> Tensor:
+    """The longest (or with ``nearest``, the nearest) prefix of ``values`` in ascending order within ``budget``."""
+    order = torch.sort(values, stable=True).indices  # stable: equal values keep their positions' order
+    cumulative = sizes[order].cumsum(0)
+    count = int(torch.searchsorted(cumulative, budget, right=True))
+    if nearest and count < cumulative.numel():
+        before = int(cumulative[count - 1]) if count else 0
+        count += int(cumulative[count]) - budget < budget - before
+    taken = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    taken[order[:count]] = True
+    return taken
+
+
+def _take_equal(values: Tensor, size: int, budget: int, nearest: bool) -> Tensor:
+    """:func:`_take_sorted` for units of one ``size``: a k-th value search, O(n), instead of a sort."""
+    count = min(budget // size, values.numel())
+    if nearest and count < values.numel():
+        count += (count + 1) * size - budget < budget - count * size
+    if count == 0:
+        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count == values.numel():
+        return torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    threshold = torch.kthvalue(values, count).values
+    taken = values < threshold
+    ties = (values == threshold).nonzero().squeeze(1)  # in position order: the first ones are taken
+    taken[ties[: count - int(torch.count_nonzero(taken))]] = True
+    return taken
+
+
+def _take(values: Tensor, sizes: Tensor, budget: int, nearest: bool) -> Tensor:
+    """:func:`_take_sorted` in O(n): halve the candidates around their median until few are left to sort."""
+    if not values.numel():
+        return torch.zeros(0, dtype=torch.bool, device=values.device)
+    if int(sizes.min()) == int(sizes.max()):
+        return _take_equal(values, int(sizes[0]), budget, nearest)
+    taken = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    index = torch.arange(values.numel(), device=values.device)  # the undecided candidates, in position order
+    while values.numel() > _SORTED:
+        pivot = torch.kthvalue(values, (values.numel() + 1) // 2).values
+        lower = values < pivot
+        lower_total = int(sizes[lower].sum())
+        if lower_total > budget:  # the prefix ends below the pivot
+            keep = lower
+        else:
+            tie = values == pivot
+            tie_total = int(sizes[tie].sum())
+            taken[index[lower]] = True
+            budget -= lower_total
+            if tie_total > budget:  # the prefix ends among the ties, where position order decides
+                keep = tie
+                values, sizes, index = values[keep], sizes[keep], index[keep]
+                break
+            taken[index[tie]] = True
+            budget -= tie_total
+            keep = values > pivot
+        values, sizes, index = values[keep], sizes[keep], index[keep]
+    taken[index[_take_sorted(values, sizes, budget, nearest)]] = True
+    return taken
+
+
 def prune_lowest(
     scores: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, nearest: bool = False, group: Any = None
 ) -> list[Tensor]:
@@ -123,21 +185,28 @@ def prune_lowest(
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
     if budget >= _sum(sum(_total(f, z) for f, z in zip(flat, flat_sizes)), group):
         return [~torch.isnan(s) for s in scores]
-    if _sum(sum(f.numel() for f in flat), group) <= _SAMPLE:
+    if _sum(sum(f.numel() for f in flat), group) <= _DIRECT:
         sample, lo_rank, hi_rank = torch.empty(0), -1, 0
     else:
         sample, lo_rank, hi_rank = _bracket(flat, flat_sizes, budget, group)
+    # Units scored -inf (already pruned, for the callbacks) come first in the order; while they all fit the
+    # budget they count as below the bracket rather than inside it, which would otherwise hold all of them.
+    floor_below = True
     while True:
         lo, hi = _value_at(sample, lo_rank), _value_at(sample, hi_rank)
+        floor = floor_below and lo == -math.inf
         below, inside, below_count = [], [], 0
         for f, z in zip(flat, flat_sizes):  # one pass per tensor while it is in cache
-            b = f < lo
+            b = f <= lo if floor else f < lo
             below.append(b)
             below_count += count_pruned(b, z)
-            inside.append(torch.logical_xor(f <= hi, b).nonzero().squeeze(1))  # lo <= f <= hi
+            inside.append(torch.logical_xor(f <= hi, b).nonzero().squeeze(1))  # lo <= f <= hi, less the floor
         below_count = _sum(below_count, group)
         if below_count > budget:  # the threshold lies under the bracket: widen it downwards
-            lo_rank = lo_rank - 4 * (hi_rank - lo_rank) if lo_rank >= 0 else -1
+            if floor:
+                floor_below = False
+            else:
+                lo_rank = lo_rank - 4 * (hi_rank - lo_rank) if lo_rank >= 0 else -1
             continue
         inside_sizes = [
             torch.full((i.numel(),), z, dtype=torch.int64, device=i.device) if isinstance(z, int) else z[i]
@@ -148,21 +217,16 @@ def prune_lowest(
             hi_rank = hi_rank + 4 * (hi_rank - lo_rank)  # the threshold lies above the bracket
             continue
         break
-    # Resolve inside the bracket: a stable sort keeps (tensor, position) order among equal scores.
+    # Resolve inside the bracket, in (score, tensor, position) order: the bracket's values are concatenated
+    # in (tensor, position) order, so ties keep that order.
     device = flat[0].device if flat else torch.device("cpu")
     local_values = torch.cat([f[i].float() for f, i in zip(flat, inside)]) if flat else torch.empty(0)
     local_sizes = torch.cat(inside_sizes) if inside_sizes else torch.empty(0, dtype=torch.int64)
     all_values, all_sizes = _gather(local_values, group), _gather(local_sizes, group)
     offset = sum(v.numel() for v in all_values[: dist.get_rank(group) if group is not None else 0])
     values = torch.cat(all_values).to(device)
-    order = torch.sort(values, stable=True).indices
-    cumulative = below_count + torch.cat(all_sizes).to(device)[order].cumsum(0)
-    count = int(torch.searchsorted(cumulative, budget, right=True))
-    if nearest and count < cumulative.numel():
-        before = int(cumulative[count - 1]) if count else below_count
-        count += int(cumulative[count]) - budget < budget - before
-    taken = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    taken[order[:count]] = True
+    sizes_inside = torch.cat(all_sizes).to(device)
+    taken = _take(values, sizes_inside, budget - below_count, nearest)
     taken = taken[offset : offset + local_values.numel()]
     for mask, index, take in zip(below, inside, taken.split([i.numel() for i in inside])):
         mask[index[take]] = True

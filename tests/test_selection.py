@@ -31,14 +31,36 @@ def random_problem(seed):
     return scores, sizes, int(torch.randint(0, total + 1, (1,), generator=g))
 
 
+def small_sample(monkeypatch, sample):
+    """Force the sampled-bracket path with a tiny sample (or the direct path with a huge threshold)."""
+    monkeypatch.setattr(selection, "_DIRECT", sample)
+    monkeypatch.setattr(selection, "_MIN_SAMPLE", sample)
+    monkeypatch.setattr(selection, "_SORTED", 8)  # and the median-halving path for units of mixed sizes
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["mixed-sizes", "equal-sizes"])
 @pytest.mark.parametrize("sample", [1 << 20, 32], ids=["direct", "bracketed"])
 @pytest.mark.parametrize("seed", range(40))
-def test_exact_against_brute_force(seed, sample, monkeypatch):
-    monkeypatch.setattr(selection, "_SAMPLE", sample)  # 32 forces the sampled-bracket path
+def test_exact_against_brute_force(seed, sample, uniform, monkeypatch):
+    small_sample(monkeypatch, sample)
     scores, sizes, budget = random_problem(seed)
-    got = prune_lowest(scores, sizes, budget)
-    for a, b in zip(got, brute_force(scores, sizes, budget)):
-        assert torch.equal(a, b)
+    if uniform:  # units of one size resolve the bracket by a k-th value search instead of a sort
+        sizes = [3] * len(scores)
+        budget = budget % (3 * sum(s.numel() for s in scores) + 1)
+        scores = [torch.where(s < 3, -float("inf"), s) for s in scores]  # already-pruned units, tied at -inf
+    for nearest in (False, True):
+        got = prune_lowest(scores, sizes, budget, nearest=nearest)
+        want = brute_force(scores, sizes, budget)
+        if nearest:  # the prefix nearest the budget is the floor's, or one unit more
+            extra = sum(int(g.sum()) - int(w.sum()) for g, w in zip(got, want))
+            assert extra in (0, 1)
+            assert all(torch.equal(g & w, w) for g, w in zip(got, want)), "nearest extends the floor's prefix"
+            got_elems = sum(count_pruned(g, z) for g, z in zip(got, sizes))
+            want_elems = sum(count_pruned(w, z) for w, z in zip(want, sizes))
+            assert abs(got_elems - budget) <= abs(want_elems - budget)
+            continue
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 def test_nearest_is_closer_or_equal():
@@ -50,13 +72,14 @@ def test_nearest_is_closer_or_equal():
     assert count_pruned(tie[0], 4) == 96, "a tie takes the smaller count"
 
 
-def test_bracket_with_already_pruned_units(monkeypatch):
-    monkeypatch.setattr(selection, "_SAMPLE", 64)
+@pytest.mark.parametrize("budget", [4000, 2000], ids=["floor-fits", "floor-exceeds-budget"])
+def test_bracket_with_already_pruned_units(monkeypatch, budget):
+    small_sample(monkeypatch, 64)
     s = torch.rand(5000)
     s[:3000] = -float("inf")
-    mask = prune_lowest([s], [1], 4000)[0]
-    assert mask[:3000].all() and mask.sum() == 4000
-    assert torch.equal(mask, brute_force([s], [1], 4000)[0])
+    mask = prune_lowest([s], [1], budget)[0]
+    assert mask[: min(3000, budget)].all() and mask.sum() == budget
+    assert torch.equal(mask, brute_force([s], [1], budget)[0])
 
 
 def test_local_scope_each_layer():
