@@ -7,6 +7,7 @@ the optimizer update of step ``s``, with that step's gradients.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 __all__ = ["DECAYS", "Iterative", "OneShot", "Schedule", "decay_curve"]
@@ -145,6 +146,12 @@ class Iterative(Schedule):
             raise ValueError(f"decay {decay!r} is not valid; choose one of {', '.join(map(repr, DECAYS))}")
         self.frequency = frequency
         self.decay = decay
+        if frequency > end_step - start_step > 0:
+            warnings.warn(
+                f"frequency {frequency} is longer than the window {start_step}..{end_step}: events only at "
+                "start_step and end_step",
+                stacklevel=2,
+            )
 
     def event_steps(self) -> list[int]:
         """``start_step`` every ``frequency`` steps, ending on ``end_step``."""

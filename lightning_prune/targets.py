@@ -8,6 +8,7 @@ layers are never targets, and nothing is excluded silently (there is no hidden "
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -61,8 +62,9 @@ def resolve_targets(
         exclude: regexes; a module whose full name matches one of them is skipped.
 
     Raises:
-        ValueError: ``include``/``exclude`` matching no candidate module (the message lists them), or no
-            target at all.
+        ValueError: ``include``/``exclude`` matching no candidate module (the message lists them), no target
+            at all, a target in a lazy module not initialised yet, or a target shared with another module
+            (tied weights). Targets with no elements are skipped with a warning.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -84,18 +86,40 @@ def resolve_targets(
                     f"{label} pattern {regex.pattern!r} matches no module of types {list(op_types)}; "
                     f"available: {available}"
                 )
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}  # parameter -> every (name, module) that holds it
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((f"{module_name}.{leaf}" if module_name else leaf, module))
+    selected = {
+        name: module
+        for name, module in candidates.items()
+        if (not includes or any(r.fullmatch(name) for r in includes)) and not any(r.fullmatch(name) for r in excludes)
+    }
+    selected_ids = {id(m) for m in selected.values()}
     targets: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
-    for name, module in candidates.items():
-        if includes and not any(r.fullmatch(name) for r in includes):
-            continue
-        if any(r.fullmatch(name) for r in excludes):
-            continue
+    for name, module in selected.items():
         weight = module.weight
-        if id(weight) in seen:  # a shared weight is pruned once, under its first name
+        if id(weight) in seen:  # a weight shared by two target modules is pruned once, under its first name
             continue
         seen.add(id(weight))
-        targets[f"{name}.weight" if name else "weight"] = weight
+        fqn = f"{name}.weight" if name else "weight"
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"'{fqn}' belongs to a lazy module ({type(module).__name__}) that is not initialised yet; run one "
+                "forward pass before fit (e.g. in LightningModule.setup) or exclude it"
+            )
+        tied = sorted({n for n, m in holders.get(id(weight), []) if id(m) not in selected_ids})
+        if tied:
+            raise ValueError(
+                f"'{fqn}' is shared with {tied} (tied weights): pruning it would also prune them; untie the "
+                f"weights or exclude {name!r}"
+            )
+        if weight.numel() == 0:
+            warnings.warn(f"'{fqn}' has shape {tuple(weight.shape)}: no elements to prune, skipped", stacklevel=2)
+            continue
+        targets[fqn] = weight
     if not targets:
         raise ValueError(
             f"no parameter to prune: op_types={list(op_types)}, include={include!r}, exclude={exclude!r}; "

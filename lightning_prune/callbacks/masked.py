@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -104,6 +105,7 @@ class MaskedWeights(Callback):
         """Resolve and validate targets; raises before training with the model untouched."""
         if stage == "fit":
             self._targets = self._resolve_now(pl_module)
+            self._check_unclaimed(trainer)
 
     @override
     def on_before_optimizer_step(
@@ -139,10 +141,37 @@ class MaskedWeights(Callback):
             self._check_target(fqn, param)
         return targets
 
-    def _bind(self, pl_module: torch.nn.Module) -> None:
-        """Point the targets at the module's current parameters (strategies may have replaced them)."""
-        params = dict(pl_module.named_parameters())
-        self._targets = {fqn: params[fqn] for fqn in self._targets or self._resolve_now(pl_module)}
+    def _check_unclaimed(self, trainer: pl.Trainer) -> None:
+        """Raise if another mask-holding callback of ``trainer`` already claims one of our targets."""
+        for other in getattr(trainer, "callbacks", []):
+            if other is self or not isinstance(other, MaskedWeights) or not other._targets:
+                continue
+            theirs = {id(p) for p in other._targets.values()}
+            shared = [fqn for fqn, p in self._targets.items() if id(p) in theirs]
+            if shared:
+                raise ValueError(
+                    f"{type(self).__name__} and {type(other).__name__} both claim {shared[:6]}"
+                    f"{' ...' if len(shared) > 6 else ''}: a weight can have one mask owner; split them with "
+                    "include/exclude"
+                )
+
+    def _bind(self, pl_module: torch.nn.Module) -> bool:
+        """Point the targets at the module's current parameters; True if they differ from those at setup.
+
+        Strategies and ``configure_model`` may replace modules after ``setup``: the targets are resolved and
+        checked again here, still before the first step, and a change of names or shapes is reported.
+        """
+        before = {fqn: tuple(p.shape) for fqn, p in self._targets.items()}
+        self._targets = self._resolve_now(pl_module)
+        now = {fqn: tuple(p.shape) for fqn, p in self._targets.items()}
+        if before and before != now:
+            changed = sorted(set(before.items()) ^ set(now.items()))
+            rank_zero_warn(
+                f"the modules to prune changed between setup and the start of training (replaced modules?): "
+                f"{changed[:6]}{' ...' if len(changed) > 6 else ''}; pruning the current ones"
+            )
+            return True
+        return False
 
     def _checked_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Saved masks, checked against the targets by name and shape, on the targets' devices."""

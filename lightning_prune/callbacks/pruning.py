@@ -128,6 +128,7 @@ class Pruning(MaskedWeights):
         self._hooks: list[Any] = []  # forward hooks that find a pruned filter's coupled bias and norm
         self._last_event = -1
         self._resolved: Schedule | None = None
+        self._owner: torch.optim.Optimizer | None = None  # with several optimizers, the one holding the targets
 
     # ------------------------------------------------------------------ public views
     def config(self) -> dict[str, Any]:
@@ -168,6 +169,8 @@ class Pruning(MaskedWeights):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._check_reachable()
+            if self.target_sparsity == 0.0:
+                rank_zero_warn("target_sparsity=0: nothing will be pruned (the callback only reports)")
 
     def _check_reachable(self) -> None:
         """Raise if the pattern cannot prune ``target_sparsity`` of the targets (e.g. layers narrower than M)."""
@@ -199,7 +202,9 @@ class Pruning(MaskedWeights):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Adopt restored state (checkpoints are restored before this hook whatever the strategy)."""
-        self._bind(pl_module)
+        if self._bind(pl_module):
+            self._check_reachable()
+        self._owner = self._owning_optimizer(trainer)
         self._resolved = self.schedule or self._default_schedule(trainer)
         precision = str(trainer.precision)
         # fp16: a step with non-finite gradients is one the GradScaler skips; scores and masks both wait for
@@ -223,6 +228,8 @@ class Pruning(MaskedWeights):
         """Update scores inside the window, prune at events, zero the gradients of pruned weights."""
         if self._resolved is None:
             return
+        if self._owner is not None and getattr(optimizer, "optimizer", optimizer) is not self._owner:
+            return  # another optimizer's step: it holds none of the targets
         if self._hooks:
             self._stop_watching()
         self._advance(trainer)
@@ -294,6 +301,32 @@ class Pruning(MaskedWeights):
 
     def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
         self.pattern.check(fqn, param.shape)
+        if self.criterion.needs_grad and not param.requires_grad:
+            raise ValueError(
+                f"'{fqn}' is frozen (requires_grad=False), but criterion '{self.criterion}' scores weights by their "
+                "gradients, which it never gets (it would be pruned first); exclude it or use criterion='magnitude'"
+            )
+
+    def _owning_optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer | None:
+        """With several optimizers, the one that steps all the targets (their steps drive pruning); else None.
+
+        Raises:
+            ValueError: the targets are split across optimizers, or no optimizer steps them.
+        """
+        optimizers = list(getattr(trainer, "optimizers", []) or [])
+        if len(optimizers) < 2:
+            return None
+        owners = [
+            opt
+            for opt in optimizers
+            if {id(p) for group in opt.param_groups for p in group["params"]} >= {id(p) for p in self._targets.values()}
+        ]
+        if len(owners) != 1:
+            raise ValueError(
+                f"with {len(optimizers)} optimizers, the weights to prune must all be stepped by exactly one of them "
+                f"(found {len(owners)}); split the model with include/exclude so that one optimizer holds them"
+            )
+        return owners[0]
 
     def _default_schedule(self, trainer: pl.Trainer) -> Schedule:
         total = trainer.estimated_stepping_batches
