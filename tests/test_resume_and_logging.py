@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +113,31 @@ def test_warns_when_training_ends_before_schedule():
     module = make_module()
     with pytest.warns(UserWarning, match="before the pruning schedule's last event at step 20"):
         make_trainer([callback()], max_steps=10).fit(module, make_loader(module))
+
+
+def _run_job(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).parent / "crash_train.py"
+    return subprocess.run([sys.executable, str(script), str(out), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_inside_the_window_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
+    """A subprocess trains with ModelCheckpoint every 8 steps, dies by SIGKILL at step 13 (pruning window
+    4..28, last checkpoint at step 8), and resumes with ckpt_path="last": masks and weights end identical."""
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    done = _run_job(whole)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = _run_job(crashed, "--kill-at", "13")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (crashed / "final.pt").exists()
+    assert sorted(p.name for p in (crashed / "ckpt").iterdir()) == ["epoch=0-step=8.ckpt", "last.ckpt"]
+    resumed = _run_job(crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(whole / "final.pt", weights_only=True)
+    b = torch.load(crashed / "final.pt", weights_only=True)
+    assert a["step"] == b["step"] == 40
+    assert set(a["masks"]) == set(b["masks"]) and all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    assert 1 - sum(int(m.sum()) for m in a["masks"].values()) / sum(m.numel() for m in a["masks"].values()) > 0.69
+    other = _run_job(crashed, "--resume", str(crashed / "ckpt" / "epoch=0-step=8.ckpt"), "--target", "0.6")
+    assert other.returncode != 0
+    assert "another pruning configuration (target_sparsity: checkpoint 0.7, now 0.6)" in other.stderr
