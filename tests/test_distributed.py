@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_loader, make_module
-
-from lightning_prune import Pruning
-from lightning_prune.schedules import Iterative
+from ddp_train import fit
 
 
-class MaskHashes(pl.Callback):
-    """After each step, every rank's mask hash, gathered; rank zero writes them to a file."""
-
-    def __init__(self, pruning: Pruning, path: Path) -> None:
-        self.pruning, self.path = pruning, path
-        self.rows: list[list[str]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        digest = hashlib.sha256()
-        for name, mask in sorted(self.pruning.masks.items()):
-            digest.update(name.encode())
-            digest.update(mask.cpu().numpy().tobytes())
-        gathered: list[str] = [""] * trainer.world_size
-        dist.all_gather_object(gathered, digest.hexdigest())
-        self.rows.append(gathered)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self.path.write_text(json.dumps({"rows": self.rows, "sparsity": self.pruning.sparsity()}))
+def check_hashes(out: Path, target: float) -> None:
+    saved = json.loads((out / "hashes.json").read_text())
+    assert len(saved["rows"]) == 8
+    for row in saved["rows"]:
+        assert len(row) == 2 and row[0] == row[1], "ranks disagree"
+    assert saved["sparsity"] == pytest.approx(target, abs=0.02)
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("prune/sparsity")]
+    assert [int(r["step"]) for r in logged] == [0, 2, 4, 6], "each event logged once, by rank zero"
 
 
 @pytest.mark.parametrize(
@@ -43,33 +31,44 @@ class MaskHashes(pl.Callback):
         ("4x1", "snip_momentum"),
         pytest.param("2:4", "magnitude", marks=pytest.mark.slow),
         pytest.param("unstructured", "snip", marks=pytest.mark.slow),
+        pytest.param("1xchannel", "gradient", marks=pytest.mark.slow),
     ],
 )
 def test_masks_identical_on_every_rank_under_ddp_spawn(tmp_path, pattern, criterion):
-    module = make_module("mlp", "adamw")
-    target = 0.5 if pattern == "2:4" else 0.7
-    cb = Pruning(
-        target, pattern=pattern, criterion=criterion, schedule=Iterative(start_step=0, end_step=6, frequency=2)
+    check_hashes(tmp_path, fit(tmp_path, "ddp_spawn", pattern, criterion))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "criterion"),
+    [
+        ("2:4", "snip_momentum"),
+        pytest.param("4x1", "magnitude", marks=pytest.mark.slow),
+        pytest.param("channelx1", "snip", marks=pytest.mark.slow),
+    ],
+)
+def test_masks_identical_on_every_rank_under_ddp(tmp_path, pattern, criterion):
+    """Plain ``ddp`` re-launches its script for rank 1, so the job runs as a script in a subprocess."""
+    script = Path(__file__).parent / "ddp_train.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path),
+            "--strategy",
+            "ddp",
+            "--pattern",
+            pattern,
+            "--criterion",
+            criterion,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    out = tmp_path / "hashes.json"
-    trainer = pl.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        callbacks=[cb, MaskHashes(cb, out)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    torch.manual_seed(0)
-    trainer.fit(module, make_loader(module))
-    saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == 8
-    for row in saved["rows"]:
-        assert len(row) == 2 and row[0] == row[1], "ranks disagree"
-    assert saved["sparsity"] == pytest.approx(target, abs=0.02)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_hashes(tmp_path, 0.5 if ":" in pattern else 0.7)
+    output = done.stdout + done.stderr
+    assert output.count("Pruning: per-layer sparsity") == 1, "the report is printed once, on rank zero"
 
 
 def _select_on_rank(rank: int, world: int, init: str, out: str, sizes: list[int], budget: int) -> None:
