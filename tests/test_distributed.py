@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import make_loader, make_module
 from ddp_train import fit
+
+from lightning_prune import Pruning
 
 
 def check_hashes(out: Path, target: float) -> None:
@@ -106,3 +110,30 @@ def test_counting_selection_split_across_processes_equals_one_process(tmp_path, 
         picks = torch.load(f"{out}.{rank}", weights_only=True)
         for pick, index in zip(picks, range(rank, len(sizes), world)):
             assert torch.equal(pick, by_index[index]), (rank, index)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning runs FSDP on GPUs only")
+def test_fsdp_is_refused_before_training_with_the_model_untouched():
+    module = make_module("mlp", "adamw")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="gpu", devices=1, strategy="fsdp", callbacks=[Pruning(0.5, "4x1")], logger=False
+    )
+    with pytest.raises(ValueError, match="strategy FSDPStrategy shards parameters"):
+        trainer.fit(module, make_loader(module))
+    assert all(torch.equal(before[k], v.cpu()) for k, v in module.state_dict().items())
+
+
+def test_sharding_strategies_are_refused_by_name():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_prune.callbacks.masked import _check_strategy
+
+    class Stub:
+        def __init__(self, strategy: object) -> None:
+            self.strategy = strategy
+
+    with pytest.raises(ValueError, match="strategy FSDPStrategy shards parameters"):
+        _check_strategy(Stub(FSDPStrategy.__new__(FSDPStrategy)))  # type: ignore[arg-type]
+    _check_strategy(Stub(DDPStrategy()))  # type: ignore[arg-type]

@@ -41,6 +41,24 @@ _ZERO_KEEPING: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
 }
 
 
+# Strategies that shard parameters: a rank holds a flat slice of each weight, so masks shaped like whole
+# weights have nothing to multiply (README, "Distributed training").
+_SHARDING = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    """Raise for a strategy that shards parameters (masks are kept per whole parameter)."""
+    strategy = getattr(trainer, "strategy", None)
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    sharding = sorted(names.intersection(_SHARDING))
+    if sharding:
+        raise ValueError(
+            f"strategy {type(strategy).__name__} shards parameters, which lightning_prune does not support yet: "
+            "its masks are kept per whole parameter; use a single device, 'ddp' or 'ddp_spawn' (supported: "
+            "unsharded strategies)"
+        )
+
+
 class MaskedWeights(Callback):
     """Base class: targets, their masks, and pruned weights kept at exactly zero through training.
 
@@ -104,6 +122,7 @@ class MaskedWeights(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Resolve and validate targets; raises before training with the model untouched."""
         if stage == "fit":
+            _check_strategy(trainer)
             self._targets = self._resolve_now(pl_module)
             self._check_unclaimed(trainer)
 
