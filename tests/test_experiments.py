@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -15,6 +16,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import experiments  # noqa: F401  (registers the lp.frac resolver)
+from experiments.baselines import LightningModelPruning
 from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, read_idx
 from experiments.report import write_report
 from experiments.train import run
@@ -65,7 +67,7 @@ def test_groups_are_the_documented_ones():
     assert {"unstructured", "4x1", "1x4", "2x2", "channelx1", "1xchannel", "2in4"} <= set(options("pattern"))
     assert set(options("criterion")) == {"magnitude", "gradient", "snip", "snip_momentum"}
     assert set(options("schedule")) == {"oneshot", "iterative"}
-    assert set(options("pruner")) == {"basic", "pattern_lock", "progressive"}
+    assert set(options("pruner")) == {"basic", "pattern_lock", "progressive", "model_pruning"}
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         obj = instantiate(cfg[group])
     assert obj is not None
     pruner = instantiate(cfg.pruner)
-    assert isinstance(pruner, (Pruning, PatternLock))
+    assert isinstance(pruner, (Pruning, PatternLock, LightningModelPruning))
 
 
 @pytest.mark.parametrize("option", options("model"))
@@ -174,6 +176,19 @@ def test_main_job_writes_results_and_plots_and_reuses_the_dense_baseline(tmp_pat
     )
     assert locked["pruner"] == "PatternLock"
     assert locked["sparsity"] == pytest.approx(saved["sparsity"], abs=1e-6)
+
+
+def test_model_pruning_baseline_reaches_the_target_at_epoch_ends(tmp_path):
+    """Lightning's ModelPruning as the baseline: 64 examples in batches of 16 are 4 steps per epoch, so a 24-step
+    run has 3 epoch ends inside its first 60%; the sparsity reaches the target there and stays."""
+    overrides = tiny(tmp_path, "pruner=model_pruning", "pruner.target_sparsity=0.7", "steps=24", "dense=skip")
+    out = run(configure(tmp_path, [*overrides, "data.batch_size=16"]))
+    assert out["pruner"] == "LightningModelPruning"
+    assert out["sparsity"] == pytest.approx(0.7, abs=0.01)
+    trace = [row["achieved"] for row in out["trace"]]
+    assert trace[0] == 0.0 and trace == sorted(trace), "sparsity grows at epoch ends only"
+    assert sum(b > a for a, b in itertools.pairwise(trace)) == 3
+    assert out["layers"] and all(row["pattern"] == "unstructured" for row in out["layers"])
 
 
 def test_pattern_lock_without_init_from_is_an_error(tmp_path):

@@ -1,0 +1,143 @@
+"""The runs behind docs/RESULTS.md: accuracy against sparsity on the CV and NLP samples.
+
+Every row is one call of the main job (``experiments/train.py``) with Hydra overrides, run in a subprocess;
+its command, wall time and results are appended to ``<out>/rows.jsonl``. Rows already there are skipped, so
+the sweep resumes where it stopped. All runs of a suite share one folder, so the dense baseline of a seed is
+trained once and reused (``dense=reuse``).
+
+Usage:
+    python experiments/results_sweep.py cv            # Fashion-MNIST CNN rows (about an hour on two cores)
+    python experiments/results_sweep.py nlp           # MiniLM-L6 on BBC News rows (hours on two cores)
+    python experiments/results_sweep.py cv --list     # print the rows and their commands, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = (0, 1, 2)
+
+# Shared by every CV row: Fashion-MNIST, 12k stratified training examples, the small ResNet, 600 steps.
+CV_BASE = ["experiment=cv_fashion_mnist", "steps=600", "data.subset=12000", "model.net.widths=[16,32,64]"]
+# Shared by every NLP row: the experiment's full configuration (300 steps, batch 16, 128 tokens).
+NLP_BASE = ["experiment=nlp_minilm_bbc"]
+
+
+def _ov(pattern: str | None, criterion: str | None, sparsity: float, *extra: str) -> list[str]:
+    """Overrides for one row."""
+    out = [f"pattern={pattern}"] if pattern else []
+    out += [f"criterion={criterion}"] if criterion else []
+    return [*out, *extra, f"pruner.target_sparsity={sparsity}"]
+
+
+def _cv_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, overrides: list[str], headline: bool = False, group: str = "grid") -> None:
+        rows.append({"name": name, "overrides": overrides, "seeds": SEEDS if headline else (0,), "group": group})
+
+    for pattern in ("unstructured", "4x1", "1xchannel"):
+        for criterion in ("magnitude", "snip_momentum"):
+            for sparsity in (0.5, 0.75, 0.9):
+                headline = sparsity == 0.9 and criterion == "snip_momentum" and pattern != "1xchannel"
+                add(f"{pattern} {criterion} {sparsity}", _ov(pattern, criterion, sparsity), headline)
+    for criterion in ("magnitude", "snip_momentum"):
+        add(f"2:4 {criterion} 0.5", _ov("2in4", criterion, 0.5), criterion == "snip_momentum")
+    for sparsity in (0.5, 0.75, 0.9):
+        add(f"ModelPruning {sparsity}", _ov(None, None, sparsity, "pruner=model_pruning"), sparsity == 0.9)
+    # one-shot criteria, and one-shot against iterative (the one-shot event at the iterative window's end)
+    once, at_end = "schedule=oneshot", "schedule.step=360"
+    add("unstructured snip one-shot@0 0.9 (SNIP at init)", _ov("unstructured", "snip", 0.9, once), group="one-shot")
+    add("unstructured gradient one-shot@360 0.9", _ov("unstructured", "gradient", 0.9, once, at_end), group="one-shot")
+    add(
+        "unstructured magnitude one-shot@360 0.9", _ov("unstructured", "magnitude", 0.9, once, at_end), group="one-shot"
+    )
+    add("4x1 snip_momentum one-shot@360 0.9", _ov("4x1", "snip_momentum", 0.9, once, at_end), group="one-shot")
+    # ablations
+    inc = ("criterion.momentum=0.9", "criterion.scale=1.0")
+    add("4x1 snip_momentum INC coefficients (0.9, 1.0) 0.9", _ov("4x1", "snip_momentum", 0.9, *inc), group="ablation")
+    for sparsity in (0.75, 0.5):
+        name = f"1xchannel snip_momentum progressive {sparsity}"
+        add(name, _ov("1xchannel", "snip_momentum", sparsity, "pruner=progressive"), group="ablation")
+    return rows
+
+
+def _nlp_rows() -> list[dict[str, Any]]:
+    ffn = r"pruner.include=['net\.bert\.encoder\.layer\.\d+\.intermediate\.dense']"
+    rows = [
+        ("4x1 snip_momentum 0.8", _ov("4x1", "snip_momentum", 0.8)),
+        ("2:4 snip_momentum 0.5", _ov("2in4", "snip_momentum", 0.5)),
+        ("4x1 magnitude 0.8", _ov("4x1", "magnitude", 0.8)),
+        ("ModelPruning 0.8", _ov(None, None, 0.8, "pruner=model_pruning")),
+        ("1xchannel FFN snip_momentum 0.5, slimmed", _ov("1xchannel", "snip_momentum", 0.5, ffn, "export=slim")),
+    ]
+    return [{"name": n, "overrides": o, "seeds": (0,), "group": "nlp"} for n, o in rows]
+
+
+SUITES = {"cv": (CV_BASE, _cv_rows), "nlp": (NLP_BASE, _nlp_rows)}
+
+
+def command(suite: str, row: dict[str, Any], seed: int, out: Path) -> list[str]:
+    base, _ = SUITES[suite]
+    slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in row["name"])
+    run_dir = out / "runs" / f"{slug}-s{seed}"
+    overrides = [*base, *row["overrides"], f"seed={seed}", "trainer.enable_progress_bar=false"]
+    return [sys.executable, "experiments/train.py", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/results/<suite>")
+    parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--only", default="", help="run only rows whose name contains this text")
+    args = parser.parse_args()
+    out = (args.out or ROOT / "outputs" / "results" / args.suite).resolve()
+    ledger = out / "rows.jsonl"
+    done = set()
+    if ledger.exists():
+        done = {(r["name"], r["seed"]) for r in map(json.loads, ledger.read_text().splitlines())}
+    for row in SUITES[args.suite][1]():
+        if args.only not in row["name"]:
+            continue
+        for seed in row["seeds"]:
+            cmd = command(args.suite, row, seed, out)
+            if args.list:
+                print(" ".join(cmd[1:]))
+                continue
+            if (row["name"], seed) in done:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {row['name']} seed {seed}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            run_dir = Path(cmd[-1].split("=", 1)[1])
+            if proc.returncode != 0 or not (run_dir / "results.json").exists():
+                print(proc.stderr[-3000:], flush=True)
+                continue
+            res = json.loads((run_dir / "results.json").read_text())
+            record = {
+                "name": row["name"],
+                "group": row["group"],
+                "seed": seed,
+                "command": "python " + " ".join(cmd[1:-1]),
+                "wall_s": round(wall, 1),
+                **{k: res[k] for k in ("pruner", "pattern", "criterion", "schedule", "target_sparsity", "sparsity")},
+                **{k: res[k] for k in ("accuracy", "seconds", "dense_accuracy", "dense_seconds", "steps")},
+                "export": res.get("export"),
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            with ledger.open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            print(f"    accuracy {res['accuracy']:.4f} (dense {res['dense_accuracy']:.4f}), {wall:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
