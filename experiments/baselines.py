@@ -23,7 +23,6 @@ from lightning_prune.report import SparsityRow
 from lightning_prune.targets import resolve_targets
 
 
-
 class LightningModelPruning(ModelPruning):
     """``ModelPruning`` (global L1, unstructured) with the read-only views the experiment job uses.
 

@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEDS = (0, 1, 2)
 
 # Shared by every CV row: Fashion-MNIST, 12k stratified training examples, the small ResNet, 600 steps.
-CV_BASE = ["experiment=cv_fashion_mnist", "steps=600", "data.subset=12000", "model.net.widths=[16,32,64]"]
+CV_BASE = [
+    "experiment=cv_fashion_mnist",
+    "steps=600",
+    "data.subset=12000",
+    "model.net.widths=[16,32,64]",
+    "trainer.enable_progress_bar=false",
+]
 # Shared by every NLP row: the experiment's full configuration (300 steps, batch 16, 128 tokens).
 NLP_BASE = ["experiment=nlp_minilm_bbc"]
 
@@ -88,7 +94,7 @@ def command(suite: str, row: dict[str, Any], seed: int, out: Path) -> list[str]:
     base, _ = SUITES[suite]
     slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in row["name"])
     run_dir = out / "runs" / f"{slug}-s{seed}"
-    overrides = [*base, *row["overrides"], f"seed={seed}", "trainer.enable_progress_bar=false"]
+    overrides = [*base, *row["overrides"], f"seed={seed}"]
     return [sys.executable, "experiments/train.py", *overrides, f"hydra.run.dir={run_dir}"]
 
 
@@ -98,6 +104,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/results/<suite>")
     parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--only", default="", help="run only rows whose name contains this text")
+    parser.add_argument("--seed", type=int, default=None, help="run only this seed of each row")
     args = parser.parse_args()
     out = (args.out or ROOT / "outputs" / "results" / args.suite).resolve()
     ledger = out / "rows.jsonl"
@@ -108,6 +115,8 @@ def main() -> None:
         if args.only not in row["name"]:
             continue
         for seed in row["seeds"]:
+            if args.seed is not None and seed != args.seed:
+                continue
             cmd = command(args.suite, row, seed, out)
             if args.list:
                 print(" ".join(cmd[1:]))

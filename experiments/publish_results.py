@@ -1,0 +1,132 @@
+"""Write docs/RESULTS.md and its plots from the ledgers of experiments/results_sweep.py.
+
+Usage: python experiments/publish_results.py [--results outputs/results] [--docs docs]
+
+Reads ``<results>/<suite>/rows.jsonl`` (cv, nlp), copies them to ``<docs>/results/<suite>.jsonl`` so that the
+published numbers travel with the repository, draws the Pareto plots into ``<docs>/images`` and prints the
+markdown tables (mean ± std over seeds where a row has several) and the per-row commands for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def by_row(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        rows[r["name"]].append(r)
+    return rows
+
+
+def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """Mean ± std in percent (std only with two or more values)."""
+    mean = scale * statistics.mean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    acc = [r["accuracy"] for r in runs]
+    dense = [r["dense_accuracy"] for r in runs]
+    delta = [a - d for a, d in zip(acc, dense)]
+    return {
+        "acc": acc,
+        "dense": dense,
+        "delta": delta,
+        "sparsity": statistics.mean(r["sparsity"] for r in runs),
+        "seeds": sorted(r["seed"] for r in runs),
+        "train": statistics.mean(r["seconds"] for r in runs),
+    }
+
+
+def table(rows: dict[str, list[dict[str, Any]]], names: list[str]) -> list[str]:
+    out = [
+        "| run | sparsity | accuracy % | Δ vs dense (points) | seeds | training time per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        s = summary(rows[name])
+        out.append(
+            f"| {name} | {s['sparsity']:.3f} | {pm(s['acc'])} | {pm(s['delta'], digits=2)} | "
+            f"{','.join(map(str, s['seeds']))} | {s['train']:.0f} s |"
+        )
+    return out
+
+
+def pareto(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Accuracy against sparsity: one line per method (pattern and criterion), dense as a band."""
+    lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    dense: list[float] = []
+    for name, runs in rows.items():
+        group = runs[0]["group"]
+        if group not in ("grid", "nlp"):
+            continue
+        s = summary(runs)
+        method = name.rsplit(" ", 1)[0] if group == "grid" else name
+        lines[method].append((s["sparsity"], 100 * statistics.mean(s["acc"]), 100 * statistics.mean(s["delta"])))
+        dense += s["dense"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, points in sorted(lines.items()):
+        points.sort()
+        style = "--" if "ModelPruning" in method else "-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=method)
+    if dense:
+        ax.axhline(100 * statistics.mean(dense), color="black", lw=1, label="dense (mean over seeds)")
+    ax.set_xlabel("sparsity of the pruned layers")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=ROOT / "outputs" / "results")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    (args.docs / "results").mkdir(parents=True, exist_ok=True)
+    (args.docs / "images").mkdir(parents=True, exist_ok=True)
+    suites = {}
+    for suite in ("cv", "nlp"):
+        ledger = args.results / suite / "rows.jsonl"
+        if ledger.exists():
+            shutil.copy(ledger, args.docs / "results" / f"{suite}.jsonl")
+        suites[suite] = by_row(load(args.docs / "results" / f"{suite}.jsonl"))
+    for suite, title in (("cv", "Fashion-MNIST, ResNet-style CNN"), ("nlp", "MiniLM-L6 on BBC News")):
+        if suites[suite]:
+            pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
+    for suite, rows in suites.items():
+        for group in ("grid", "one-shot", "ablation", "nlp"):
+            names = [n for n, runs in rows.items() if runs[0]["group"] == group]
+            if names:
+                print(f"\n### {suite} {group}\n")
+                print("\n".join(table(rows, names)))
+        print(f"\n### {suite} commands\n")
+        for name, runs in rows.items():
+            print(f"- {name}: `{runs[0]['command']}`" + (" (seeds " + ",".join(str(r["seed"]) for r in runs) + ")"))
+
+
+if __name__ == "__main__":
+    main()
