@@ -109,7 +109,7 @@ def main() -> None:
     (args.docs / "results").mkdir(parents=True, exist_ok=True)
     (args.docs / "images").mkdir(parents=True, exist_ok=True)
     suites = {}
-    for suite in ("cv", "nlp"):
+    for suite in ("cv", "cvwide", "nlp"):
         ledger = args.results / suite / "rows.jsonl"
         if ledger.exists():
             shutil.copy(ledger, args.docs / "results" / f"{suite}.jsonl")
@@ -118,7 +118,7 @@ def main() -> None:
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
     for suite, rows in suites.items():
-        for group in ("grid", "one-shot", "ablation", "nlp"):
+        for group in ("grid", "one-shot", "ablation", "capacity", "nlp"):
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
             if names:
                 print(f"\n### {suite} {group}\n")

@@ -7,6 +7,7 @@ trained once and reused (``dense=reuse``).
 
 Usage:
     python experiments/results_sweep.py cv            # Fashion-MNIST CNN rows (about an hour on two cores)
+    python experiments/results_sweep.py cvwide        # three 90% rows with the wider CNN
     python experiments/results_sweep.py nlp           # MiniLM-L6 on BBC News rows (hours on two cores)
     python experiments/results_sweep.py cv --list     # print the rows and their commands, run nothing
 """
@@ -32,6 +33,8 @@ CV_BASE = [
     "model.net.widths=[16,32,64]",
     "trainer.enable_progress_bar=false",
 ]
+# The same with the experiment's own, wider network: does capacity close the gap at 90%?
+CV_WIDE_BASE = [*CV_BASE[:3], "model.net.widths=[32,64,128]", CV_BASE[4]]
 # Shared by every NLP row: the experiment's full configuration (300 steps, batch 16, 128 tokens).
 NLP_BASE = ["experiment=nlp_minilm_bbc"]
 
@@ -87,7 +90,16 @@ def _nlp_rows() -> list[dict[str, Any]]:
     return [{"name": n, "overrides": o, "seeds": (0,), "group": "nlp"} for n, o in rows]
 
 
-SUITES = {"cv": (CV_BASE, _cv_rows), "nlp": (NLP_BASE, _nlp_rows)}
+def _cv_wide_rows() -> list[dict[str, Any]]:
+    rows = [
+        ("wide unstructured magnitude 0.9", _ov("unstructured", "magnitude", 0.9)),
+        ("wide unstructured snip_momentum 0.9", _ov("unstructured", "snip_momentum", 0.9)),
+        ("wide ModelPruning 0.9", _ov(None, None, 0.9, "pruner=model_pruning")),
+    ]
+    return [{"name": n, "overrides": o, "seeds": (0,), "group": "capacity"} for n, o in rows]
+
+
+SUITES = {"cv": (CV_BASE, _cv_rows), "cvwide": (CV_WIDE_BASE, _cv_wide_rows), "nlp": (NLP_BASE, _nlp_rows)}
 
 
 def command(suite: str, row: dict[str, Any], seed: int, out: Path) -> list[str]:
