@@ -96,7 +96,11 @@ class GroupLasso(Callback):
         }
         self.pattern = parse_pattern(pattern if pattern is not None else "4x1")
         _check_groups(self.pattern)
-        self.op_types = (op_types,) if isinstance(op_types, str) else tuple(op_types or ("Linear", "Conv1d", "Conv2d"))
+        ops = [op_types] if isinstance(op_types, str) else list(op_types or ()) if op_types is not None else None
+        ops = ["Linear", "Conv1d", "Conv2d"] if ops is None else ops
+        if not ops or not all(isinstance(op, str) and op for op in ops):
+            raise ValueError(f"GroupLasso op_types must be a non-empty list of module class names, got {op_types!r}")
+        self.op_types = tuple(ops)
         compile_patterns("include", include)
         compile_patterns("exclude", exclude)
         self.include, self.exclude = include, exclude

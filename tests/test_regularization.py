@@ -178,3 +178,9 @@ def test_also_in_callbacks_is_an_error():
 def test_regularization_must_be_group_lasso():
     with pytest.raises(TypeError, match="GroupLasso"):
         Pruning(0.5, regularization="group_lasso")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("op_types", [[], "", [3]])
+def test_group_lasso_rejects_empty_or_bad_op_types(op_types):
+    with pytest.raises(ValueError, match="GroupLasso op_types must be a non-empty list of module class names"):
+        GroupLasso(1e-3, op_types=op_types)
