@@ -86,6 +86,7 @@ def _nlp_rows() -> list[dict[str, Any]]:
         ("4x1 magnitude 0.8", _ov("4x1", "magnitude", 0.8)),
         ("ModelPruning 0.8", _ov(None, None, 0.8, "pruner=model_pruning")),
         ("1xchannel FFN snip_momentum 0.5, slimmed", _ov("1xchannel", "snip_momentum", 0.5, ffn, "export=slim")),
+        ("2:4 snip_momentum 0.5, window ends at 40%", _ov("2in4", "snip_momentum", 0.5, "schedule.end_step=120")),
     ]
     return [{"name": n, "overrides": o, "seeds": (0,), "group": "nlp"} for n, o in rows]
 
