@@ -118,7 +118,7 @@ def main() -> None:
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
     for suite, rows in suites.items():
-        for group in ("grid", "one-shot", "ablation", "capacity", "nlp"):
+        for group in ("grid", "one-shot", "schedule", "ablation", "capacity", "nlp"):
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
             if names:
                 print(f"\n### {suite} {group}\n")

@@ -69,6 +69,10 @@ def _cv_rows() -> list[dict[str, Any]]:
         "unstructured magnitude one-shot@360 0.9", _ov("unstructured", "magnitude", 0.9, once, at_end), group="one-shot"
     )
     add("4x1 snip_momentum one-shot@360 0.9", _ov("4x1", "snip_momentum", 0.9, once, at_end), group="one-shot")
+    # the iterative window ending where ModelPruning's last epoch-end event falls (step 282 of 600)
+    for criterion in ("magnitude", "snip_momentum"):
+        name = f"unstructured {criterion} 0.9, window ends at step 282"
+        add(name, _ov("unstructured", criterion, 0.9, "schedule.end_step=282"), group="schedule")
     # ablations
     inc = ("criterion.momentum=0.9", "criterion.scale=1.0")
     add("4x1 snip_momentum INC coefficients (0.9, 1.0) 0.9", _ov("4x1", "snip_momentum", 0.9, *inc), group="ablation")
