@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from experiments.results_sweep import SUITES  # noqa: E402
 
 
 def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def by_row(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_row(records: list[dict[str, Any]], suite: str) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by row, in the sweep's row order."""
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         rows[r["name"]].append(r)
-    return rows
+    order = [row["name"] for row in SUITES[suite][1]()]
+    return {name: rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order))}
 
 
 def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -113,7 +119,7 @@ def main() -> None:
         ledger = args.results / suite / "rows.jsonl"
         if ledger.exists():
             shutil.copy(ledger, args.docs / "results" / f"{suite}.jsonl")
-        suites[suite] = by_row(load(args.docs / "results" / f"{suite}.jsonl"))
+        suites[suite] = by_row(load(args.docs / "results" / f"{suite}.jsonl"), suite)
     for suite, title in (("cv", "Fashion-MNIST, ResNet-style CNN"), ("nlp", "MiniLM-L6 on BBC News")):
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)

@@ -76,6 +76,14 @@ def _cv_rows() -> list[dict[str, Any]]:
     # ablations
     inc = ("criterion.momentum=0.9", "criterion.scale=1.0")
     add("4x1 snip_momentum INC coefficients (0.9, 1.0) 0.9", _ov("4x1", "snip_momentum", 0.9, *inc), group="ablation")
+    # pattern lock: 600 more steps from the 90% unstructured magnitude run, its zeros locked; its dense
+    # baseline is the same 600 steps from the same checkpoint without the lock
+    sparse = "init_from=outputs/results/cv/runs/unstructured_magnitude_0.9-s0/pruned.ckpt"
+    add(
+        "pattern lock: 600 more steps after unstructured magnitude 0.9",
+        ["pruner=pattern_lock", sparse],
+        group="ablation",
+    )
     for sparsity in (0.75, 0.5):
         name = f"1xchannel snip_momentum progressive {sparsity}"
         add(name, _ov("1xchannel", "snip_momentum", sparsity, "pruner=progressive"), group="ablation")
