@@ -77,21 +77,6 @@ def _fit_and_test(cfg: DictConfig, callbacks: list[pl.Callback], init_from: str 
     return {"trainer": trainer, "model": model, "datamodule": data, "accuracy": accuracy, "seconds": seconds}
 
 
-@torch.no_grad()
-def latency_ratio(masked: torch.nn.Module, small: torch.nn.Module, batch: Any, repeats: int = 15) -> float:
-    """Median ratio of the slimmed model's forward time to the masked one's, called alternately on ``batch``."""
-    ratios = []
-    for i in range(repeats + 2):
-        times = {}
-        for name, model in (("masked", masked), ("small", small)) if i % 2 else (("small", small), ("masked", masked)):
-            start = time.perf_counter()
-            model(batch)
-            times[name] = time.perf_counter() - start
-        if i >= 2:  # the first two are warm-up
-            ratios.append(times["small"] / times["masked"])
-    return float(torch.tensor(ratios).median())
-
-
 def export(kind: str, model: pl.LightningModule, masks: dict[str, torch.Tensor], data: Any, out: Path) -> dict:
     """Write the export artifact into ``out``; returns its path, size and (for slim) the report."""
     model = model.cpu().eval()
@@ -108,7 +93,9 @@ def export(kind: str, model: pl.LightningModule, masks: dict[str, torch.Tensor],
         batch = next(iter(data.test_dataloader()))[0]
         small, info = slim(model, masks, batch[:2])
         torch.save(small, path)
-        info["latency_ratio"] = latency_ratio(model, small, batch)
+        from benchmarks.export import latency  # the benchmark's alternating timer, imported only for slim
+
+        info["latency_ratio"] = latency({"masked": model, "slimmed": small}, batch, rounds=15)["slimmed"]
     print(f"export={kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return {"kind": kind, "path": str(path), "bytes": path.stat().st_size, **info}
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.patterns import NM, Pattern, parse_pattern
-from lightning_prune.targets import compile_patterns, resolve_targets
+from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
 __all__ = ["GroupLasso", "group_norms"]
 
@@ -96,11 +96,7 @@ class GroupLasso(Callback):
         }
         self.pattern = parse_pattern(pattern if pattern is not None else "4x1")
         _check_groups(self.pattern)
-        ops = [op_types] if isinstance(op_types, str) else list(op_types or ()) if op_types is not None else None
-        ops = ["Linear", "Conv1d", "Conv2d"] if ops is None else ops
-        if not ops or not all(isinstance(op, str) and op for op in ops):
-            raise ValueError(f"GroupLasso op_types must be a non-empty list of module class names, got {op_types!r}")
-        self.op_types = tuple(ops)
+        self.op_types = parse_op_types(("Linear", "Conv1d", "Conv2d") if op_types is None else op_types, "GroupLasso ")
         compile_patterns("include", include)
         compile_patterns("exclude", exclude)
         self.include, self.exclude = include, exclude

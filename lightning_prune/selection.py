@@ -144,8 +144,7 @@ def _take(values: Tensor, sizes: Tensor, budget: int, nearest: bool) -> Tensor:
             taken[index[lower]] = True
             budget -= lower_total
             if tie_total > budget:  # the prefix ends among the ties, where position order decides
-                keep = tie
-                values, sizes, index = values[keep], sizes[keep], index[keep]
+                values, sizes, index = values[tie], sizes[tie], index[tie]
                 break
             taken[index[tie]] = True
             budget -= tie_total

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["resolve_targets"]
+__all__ = ["parse_op_types", "resolve_targets"]
 
 
 def _as_list(name: str, value: str | Sequence[str] | None) -> list[str]:
@@ -34,6 +34,19 @@ def _type_matches(module: nn.Module, op_types: Sequence[str]) -> bool:
         if type(module).__name__ == op:
             return True
     return False
+
+
+def parse_op_types(op_types: str | Sequence[str], owner: str = "") -> tuple[str, ...]:
+    """Module class names as a tuple, raising ``ValueError`` (prefixed with ``owner``) unless non-empty names.
+
+    Example:
+        >>> parse_op_types("Linear")
+        ('Linear',)
+    """
+    ops = [op_types] if isinstance(op_types, str) else list(op_types)
+    if not ops or not all(isinstance(op, str) and op for op in ops):
+        raise ValueError(f"{owner}op_types must be a non-empty list of module class names, got {op_types!r}")
+    return tuple(ops)
 
 
 def compile_patterns(name: str, patterns: str | Sequence[str] | None) -> list[re.Pattern[str]]:

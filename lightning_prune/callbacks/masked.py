@@ -20,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.report import SparsityRow, sparsity_report
-from lightning_prune.targets import compile_patterns, resolve_targets
+from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
 __all__ = ["MaskedWeights"]
 
@@ -79,10 +79,7 @@ class MaskedWeights(Callback):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
     ) -> None:
-        op_list = [op_types] if isinstance(op_types, str) else list(op_types)
-        if not op_list or not all(isinstance(op, str) for op in op_list):
-            raise ValueError(f"op_types must be a non-empty list of module class names, got {op_types!r}")
-        self.op_types = tuple(op_list)
+        self.op_types = parse_op_types(op_types)
         compile_patterns("include", include)
         compile_patterns("exclude", exclude)
         self.include, self.exclude = include, exclude
