@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+INC_VENV := .venv-inc
+INC_STAMP := $(INC_VENV)/.installed
 
 .PHONY: demo test test-slow lint bench install clean
 
@@ -27,10 +29,14 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy lightning_prune
 
-bench: $(STAMP)
-	$(PY) benchmarks/step_overhead.py
-	$(PY) benchmarks/selection.py
-	$(PY) benchmarks/export.py
+# Intel Neural Compressor 3.7.1 needs numpy<2: it gets its own environment, called through a subprocess.
+$(INC_STAMP): benchmarks/inc-requirements.txt
+	test -x $(INC_VENV)/bin/python || $(PYTHON) -m venv $(INC_VENV)
+	$(INC_VENV)/bin/pip install -q -r benchmarks/inc-requirements.txt
+	touch $(INC_STAMP)
+
+bench: $(STAMP) $(INC_STAMP)
+	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs
+	rm -rf $(VENV) $(INC_VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs

@@ -17,6 +17,7 @@ Usage: python benchmarks/export.py [--rounds 100] [--quick]
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import statistics
 import sys
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.step_overhead import cnn
+from benchmarks.harness import cnn
 from experiments.models import Classifier, MiniLM, ResNetSmall
 from lightning_prune import Pruning
 from lightning_prune.export import make_permanent, save_sparse, slim
@@ -89,6 +90,40 @@ def compare(title: str, net: nn.Module, masks: dict[str, torch.Tensor], x: torch
         f"{report['macs_before'] / 1e6:.1f}M → {report['macs_after'] / 1e6:.1f}M |",
         flush=True,
     )
+
+
+def versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, Any]:
+    """The benchmark CNN at 50% output channels of every conv: our pruning + `slim` against Torch-Pruning alone.
+
+    Ours: the `Pruning` callback (1xchannel, magnitude, local) during training, then `slim`. Torch-Pruning
+    alone: its `MagnitudePruner` (L1 importance, 50% of every conv's channels, the classifier kept) on the
+    same dense network. Latencies alternate with dense in one process; medians of per-round ratios.
+    """
+    import torch_pruning as tp
+
+    batch = 8 if quick else 64
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28)
+    net = cnn()
+    masks = prune(net, x, 10, target_sparsity=0.5, pattern="1xchannel", scope="local", op_types="Conv2d")
+    ours, report = slim(net, masks, x[:2])
+    alone = copy.deepcopy(net)
+    pruner = tp.pruner.MagnitudePruner(
+        alone,
+        x[:2],
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=0.5,
+        ignored_layers=[m for m in alone.modules() if isinstance(m, nn.Linear)],
+    )
+    pruner.step()
+    ratios = latency({"dense": net, "ours": ours, "torch-pruning": alone}, x, rounds)
+    macs, params = tp.utils.count_ops_and_params(alone.eval(), x[:2])
+    return {
+        "model": f"cnn 28x28, batch {batch}, 50% output channels of every conv",
+        "ours": {"latency": ratios["ours"], "params": report["params_after"], "macs": report["macs_after"] / 2},
+        "torch-pruning": {"latency": ratios["torch-pruning"], "params": params, "macs": macs / 2},
+        "dense": {"latency": 1.0, "params": report["params_before"], "macs": report["macs_before"] / 2},
+    }
 
 
 def main() -> None:

@@ -51,6 +51,40 @@ def child(method: str, numel: int, tensors: int) -> None:
     print(json.dumps({"extra_mb": peak_rss_mb() - base, "scores_mb": numel * 4 / 2**20}))
 
 
+def measure(numel: int, tensors: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds and peak extra memory (MB, and as a multiple of the scores' bytes) of each method."""
+    # Memory first, in fresh children: Linux carries the peak RSS across fork and exec, so a child started
+    # after this process held the scores would inherit that peak.
+    memory = {}
+    for name in METHODS:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--numel", str(numel), "--tensors", str(tensors)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    scores = make_scores(numel, tensors)
+    k = int(0.8 * numel)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    counts = {}
+    for _ in range(repeats):
+        for name, fn in METHODS.items():
+            start = time.perf_counter()
+            counts[name] = fn(scores, k)
+            times[name].append(time.perf_counter() - start)
+    # ours takes exactly k; "<= k-th value" also takes the k-th value's ties (rand has 2^24 distinct values)
+    assert counts["counting (ours)"] == k <= counts["kthvalue on torch.cat"], counts
+    ratio = statistics.median(a / b for a, b in zip(times["counting (ours)"], times["kthvalue on torch.cat"]))
+    return {
+        name: {
+            "seconds": statistics.median(times[name]),
+            "extra_mb": memory[name]["extra_mb"],
+            "extra_x": memory[name]["extra_mb"] / memory[name]["scores_mb"],
+            "time_ratio_to_kthvalue": ratio if name == "counting (ours)" else 1.0,
+        }
+        for name in METHODS
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=float, default=110e6)
@@ -62,38 +96,16 @@ def main() -> None:
     if args.child:
         child(args.child, numel, args.tensors)
         return
-    # Memory first, in fresh children: Linux carries the peak RSS across fork and exec, so a child started
-    # after this process held the scores would inherit that peak.
-    memory = {}
-    for name in METHODS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--numel", str(numel), "--tensors", str(args.tensors)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    scores = make_scores(numel, args.tensors)
-    k = int(0.8 * numel)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    counts = {}
-    for _ in range(args.repeats):
-        for name, fn in METHODS.items():
-            start = time.perf_counter()
-            counts[name] = fn(scores, k)
-            times[name].append(time.perf_counter() - start)
-    # ours takes exactly k; "<= k-th value" also takes the k-th value's ties (rand has 2^24 distinct values)
-    assert counts["counting (ours)"] == k <= counts["kthvalue on torch.cat"], counts
-    del scores
+    result = measure(numel, args.tensors, args.repeats)
     print(
         f"{numel / 1e6:.0f}M float32 scores in {args.tensors} tensors, k = 80%, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.repeats} alternating repeats\n"
     )
     print("| method | median time | peak extra memory |")
     print("|---|---|---|")
-    for name in METHODS:
-        extra, own = memory[name]["extra_mb"], memory[name]["scores_mb"]
-        print(f"| {name} | {statistics.median(times[name]):.3f} s | {extra:.0f} MB ({extra / own:.2f}x the scores) |")
-    ratio = statistics.median(a / b for a, b in zip(times["counting (ours)"], times["kthvalue on torch.cat"]))
-    print(f"\nmedian time ratio ours / kthvalue: {ratio:.3f}")
+    for name, r in result.items():
+        print(f"| {name} | {r['seconds']:.3f} s | {r['extra_mb']:.0f} MB ({r['extra_x']:.2f}x the scores) |")
+    print(f"\nmedian time ratio ours / kthvalue: {result['counting (ours)']['time_ratio_to_kthvalue']:.3f}")
 
 
 if __name__ == "__main__":

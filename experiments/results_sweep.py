@@ -7,7 +7,8 @@ trained once and reused (``dense=reuse``).
 
 Usage:
     python experiments/results_sweep.py cv            # Fashion-MNIST CNN rows (about an hour on two cores)
-    python experiments/results_sweep.py cvwide        # three 90% rows with the wider CNN
+    python experiments/results_sweep.py cvwide        # the 90% rows with the wider CNN (32/64/128)
+    python experiments/results_sweep.py cvlong        # the 90% rows with 1800 steps instead of 600
     python experiments/results_sweep.py nlp           # MiniLM-L6 on BBC News rows (hours on two cores)
     python experiments/results_sweep.py cv --list     # print the rows and their commands, run nothing
 """
@@ -35,6 +36,8 @@ CV_BASE = [
 ]
 # The same with the experiment's own, wider network: does capacity close the gap at 90%?
 CV_WIDE_BASE = [*CV_BASE[:3], "model.net.widths=[32,64,128]", CV_BASE[4]]
+# The same small network with three times the training budget (windows and frequencies scale with `steps`).
+CV_LONG_BASE = [CV_BASE[0], "steps=1800", *CV_BASE[2:]]
 # Shared by every NLP row: the experiment's full configuration (300 steps, batch 16, 128 tokens).
 NLP_BASE = ["experiment=nlp_minilm_bbc"]
 
@@ -73,6 +76,9 @@ def _cv_rows() -> list[dict[str, Any]]:
     for criterion in ("magnitude", "snip_momentum"):
         name = f"unstructured {criterion} 0.9, window ends at step 282"
         add(name, _ov("unstructured", criterion, 0.9, "schedule.end_step=282"), group="schedule")
+    for decay in ("cube", "linear"):
+        name = f"unstructured magnitude 0.9, {decay} decay"
+        add(name, _ov("unstructured", "magnitude", 0.9, f"schedule.decay={decay}"), group="schedule")
     # ablations
     inc = ("criterion.momentum=0.9", "criterion.scale=1.0")
     add("4x1 snip_momentum INC coefficients (0.9, 1.0) 0.9", _ov("4x1", "snip_momentum", 0.9, *inc), group="ablation")
@@ -99,20 +105,28 @@ def _nlp_rows() -> list[dict[str, Any]]:
         ("ModelPruning 0.8", _ov(None, None, 0.8, "pruner=model_pruning")),
         ("1xchannel FFN snip_momentum 0.5, slimmed", _ov("1xchannel", "snip_momentum", 0.5, ffn, "export=slim")),
         ("2:4 snip_momentum 0.5, window ends at 40%", _ov("2in4", "snip_momentum", 0.5, "schedule.end_step=120")),
+        ("2:4 snip_momentum 0.5, window ends at 20%", _ov("2in4", "snip_momentum", 0.5, "schedule.end_step=60")),
+        ("2:4 magnitude one-shot@0 0.5", _ov("2in4", "magnitude", 0.5, "schedule=oneshot")),
     ]
     return [{"name": n, "overrides": o, "seeds": (0,), "group": "nlp"} for n, o in rows]
 
 
-def _cv_wide_rows() -> list[dict[str, Any]]:
+def _ninety_rows(prefix: str, group: str) -> list[dict[str, Any]]:
+    """The 90% unstructured rows and ModelPruning, for the capacity and budget variants of the CV sample."""
     rows = [
-        ("wide unstructured magnitude 0.9", _ov("unstructured", "magnitude", 0.9)),
-        ("wide unstructured snip_momentum 0.9", _ov("unstructured", "snip_momentum", 0.9)),
-        ("wide ModelPruning 0.9", _ov(None, None, 0.9, "pruner=model_pruning")),
+        ("unstructured magnitude 0.9", _ov("unstructured", "magnitude", 0.9)),
+        ("unstructured snip_momentum 0.9", _ov("unstructured", "snip_momentum", 0.9)),
+        ("ModelPruning 0.9", _ov(None, None, 0.9, "pruner=model_pruning")),
     ]
-    return [{"name": n, "overrides": o, "seeds": (0,), "group": "capacity"} for n, o in rows]
+    return [{"name": f"{prefix} {n}", "overrides": o, "seeds": SEEDS, "group": group} for n, o in rows]
 
 
-SUITES = {"cv": (CV_BASE, _cv_rows), "cvwide": (CV_WIDE_BASE, _cv_wide_rows), "nlp": (NLP_BASE, _nlp_rows)}
+SUITES = {
+    "cv": (CV_BASE, _cv_rows),
+    "cvwide": (CV_WIDE_BASE, lambda: _ninety_rows("wide", "capacity")),
+    "cvlong": (CV_LONG_BASE, lambda: _ninety_rows("long", "budget")),
+    "nlp": (NLP_BASE, _nlp_rows),
+}
 
 
 def command(suite: str, row: dict[str, Any], seed: int, out: Path) -> list[str]:

@@ -45,6 +45,9 @@ class Criterion:
         """Scores for each weight at a pruning event, float32, shaped like the weight; the caller may modify them."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop scratch memory kept between steps; called once no pruning event is left."""
+
     def __repr__(self) -> str:
         return type(self).__name__.lower()
 
@@ -168,6 +171,10 @@ class SnipMomentum(Criterion):
             score.add_(product, alpha=self.scale)
 
     _buffer: Tensor | None = None
+
+    def release(self) -> None:
+        """Drop the |W·G| scratch buffer (as large as the largest target) once no event is left."""
+        self._buffer = None
 
     # Finite checks cost a pass over the gradients; they are only needed in reduced precision. The callback
     # switches them on for bf16; under fp16 it checks the gradients itself before calling update.

@@ -154,6 +154,7 @@ def test_no_scoring_outside_window():
     make_trainer([cb], max_steps=20).fit(module, make_loader(module))
     assert len(calls) == 5, "scores only on steps 5..9"
     assert cb._scores is None, "running scores freed after the last event"
+    assert cb.criterion._buffer is None, "the |W·G| scratch buffer freed after the last event"
 
 
 def test_snip_at_initialization_prunes_before_first_update():

