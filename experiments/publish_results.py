@@ -2,9 +2,10 @@
 
 Usage: python experiments/publish_results.py [--results outputs/results] [--docs docs]
 
-Reads ``<results>/<suite>/rows.jsonl`` (cv, nlp), copies them to ``<docs>/results/<suite>.jsonl`` so that the
-published numbers travel with the repository, draws the Pareto plots into ``<docs>/images`` and prints the
-markdown tables (mean ± std over seeds where a row has several) and the per-row commands for RESULTS.md.
+Reads ``<results>/<suite>/rows.jsonl`` (cv, cvwide, cvlong, nlp), copies them to
+``<docs>/results/<suite>.jsonl`` so that the published numbers travel with the repository, draws the Pareto
+plots into ``<docs>/images`` and prints the markdown tables (mean ± std over seeds where a row has several)
+and the per-row commands for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def main() -> None:
     (args.docs / "results").mkdir(parents=True, exist_ok=True)
     (args.docs / "images").mkdir(parents=True, exist_ok=True)
     suites = {}
-    for suite in ("cv", "cvwide", "nlp"):
+    for suite in ("cv", "cvwide", "cvlong", "nlp"):
         ledger = args.results / suite / "rows.jsonl"
         if ledger.exists():
             shutil.copy(ledger, args.docs / "results" / f"{suite}.jsonl")
@@ -124,7 +125,7 @@ def main() -> None:
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
     for suite, rows in suites.items():
-        for group in ("grid", "one-shot", "schedule", "ablation", "capacity", "nlp"):
+        for group in ("grid", "one-shot", "schedule", "ablation", "capacity", "budget", "nlp"):
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
             if names:
                 print(f"\n### {suite} {group}\n")
