@@ -31,6 +31,8 @@ class LightningModelPruning(ModelPruning):
         window: fraction of the run's optimizer steps within which the epoch-end pruning happens.
         include: regexes over module names, as for ``Pruning`` (the same layers are compared).
         exclude: regexes over module names, as for ``Pruning``.
+        lottery_ticket: ModelPruning's ``use_lottery_ticket_hypothesis`` (its default, True): at every event
+            the weights left are reset to their values at the start of training.
 
     Example:
         >>> cb = LightningModelPruning(0.9)
@@ -47,12 +49,19 @@ class LightningModelPruning(ModelPruning):
         window: float = 0.6,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        lottery_ticket: bool = True,
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}")
         if not 0.0 < window <= 1.0:
             raise ValueError(f"window must be in (0, 1], got {window!r}")
-        super().__init__("l1_unstructured", amount=self._amount, use_global_unstructured=True, verbose=0)
+        super().__init__(
+            "l1_unstructured",
+            amount=self._amount,
+            use_global_unstructured=True,
+            use_lottery_ticket_hypothesis=lottery_ticket,
+            verbose=0,
+        )
         self.target_sparsity = target_sparsity
         self.window = window
         self.schedule = f"every epoch end in the first {window:.0%} of the run"

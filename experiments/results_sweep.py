@@ -79,6 +79,10 @@ def _cv_rows() -> list[dict[str, Any]]:
     for decay in ("cube", "linear"):
         name = f"unstructured magnitude 0.9, {decay} decay"
         add(name, _ov("unstructured", "magnitude", 0.9, f"schedule.decay={decay}"), group="schedule")
+    # ModelPruning's default lottery-ticket rewinding (kept weights reset to their initial values at every
+    # event) is what sets it apart from our runs; without it:
+    name = "ModelPruning 0.9 without lottery-ticket rewinding"
+    add(name, _ov(None, None, 0.9, "pruner=model_pruning", "pruner.lottery_ticket=false"), group="ablation")
     # ablations
     inc = ("criterion.momentum=0.9", "criterion.scale=1.0")
     add("4x1 snip_momentum INC coefficients (0.9, 1.0) 0.9", _ov("4x1", "snip_momentum", 0.9, *inc), group="ablation")

@@ -8,6 +8,7 @@ import json
 import struct
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -189,6 +190,24 @@ def test_model_pruning_baseline_reaches_the_target_at_epoch_ends(tmp_path):
     assert trace[0] == 0.0 and trace == sorted(trace), "sparsity grows at epoch ends only"
     assert sum(b > a for a, b in itertools.pairwise(trace)) == 3
     assert out["layers"] and all(row["pattern"] == "unstructured" for row in out["layers"])
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_model_pruning_lottery_ticket_switch(rewind):
+    """ModelPruning rewinds the kept weights to their initial values at each event by default; the switch
+    turns that off, so the weights left after an event are the trained ones."""
+    cb = LightningModelPruning(0.5, lottery_ticket=rewind)
+    net = pl.LightningModule()
+    net.layer = torch.nn.Linear(8, 8)
+    cb.setup(None, net, "fit")  # type: ignore[arg-type]
+    start = net.layer.weight.detach().clone()
+    with torch.no_grad():
+        net.layer.weight.add_(1.0)  # "training"
+    cb.on_train_epoch_end(None, net)  # type: ignore[arg-type]
+    kept = net.layer.weight_mask.bool()
+    assert 0 < int(kept.sum()) < kept.numel()
+    expected = start if rewind else start + 1.0
+    assert torch.equal(net.layer.weight_orig.detach()[kept], expected[kept])
 
 
 def test_pattern_lock_without_init_from_is_an_error(tmp_path):
