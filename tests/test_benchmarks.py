@@ -23,7 +23,7 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.png").stat().st_size > 10_000
     rows = {(r["model"], r["tool"], r["method"]) for r in results["steps"]}
-    for model in ("mlp 4x1024, batch 256", "cnn 28x28, batch 256"):
+    for model in ("mlp 4x1024, batch 256", "cnn 28x28, batch 64"):
         for tool, method in [
             ("lightning_prune", "4x1:snip_momentum"),
             ("lightning_prune", "unstructured:magnitude"),
