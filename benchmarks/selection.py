@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,14 @@ METHODS = {"counting (ours)": ours, "kthvalue on torch.cat": concatenated}
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB.
+
+    Not `getrusage`'s ru_maxrss: that carries the peak of the process that started this one across fork and
+    exec, so a child of a large process (`run_all.py` holding MiniLM) would report its parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -53,8 +62,7 @@ def child(method: str, numel: int, tensors: int) -> None:
 
 def measure(numel: int, tensors: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median seconds and peak extra memory (MB, and as a multiple of the scores' bytes) of each method."""
-    # Memory first, in fresh children: Linux carries the peak RSS across fork and exec, so a child started
-    # after this process held the scores would inherit that peak.
+    # Memory in fresh children, each with only its own scores and method.
     memory = {}
     for name in METHODS:
         out = subprocess.run(

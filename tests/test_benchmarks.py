@@ -40,6 +40,20 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     slim = results["slim"]
     assert slim["ours"]["params"] == slim["torch-pruning"]["params"] < slim["dense"]["params"]
 
+    # one section again: the others are kept from results.json
+    proc = subprocess.run([*cmd, "--sections", "slim"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["steps"] == results["steps"] and again["selection"] == results["selection"]
+    assert "--sections slim" in again["meta"]["command"]
+
+
+def test_run_all_rejects_unknown_section(tmp_path: Path) -> None:
+    cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(tmp_path), "--sections", "stepz"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--sections: 'stepz'; choose from steps, selection, slim" in proc.stderr
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not INC_PYTHON.exists(), reason="no .venv-inc (make bench builds it)")
