@@ -128,19 +128,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    short = {"lightning_prune": "ours", "ModelPruning": "ModelPruning", "INC 3.7.1": "INC"}
+    methods = {"4x1:snip_momentum": "4x1 snipm", "unstructured:magnitude": "unstr mag", "unstructured:l1": "unstr L1"}
     models = list(dict.fromkeys(r["model"] for r in results["steps"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in results["steps"] if r["model"] == model]
-        labels = [f"{r['tool']}\n{r['method']}" for r in rows]
+        labels = [f"{short.get(r['tool'], r['tool'])}\n{methods.get(r['method'], r['method'])}" for r in rows]
         for i, phase in enumerate(("window mean", "event", "after")):
             xs = [j + (i - 1) * 0.27 for j in range(len(rows))]
             ax.bar(xs, [r[phase] for r in rows], width=0.27, label=phase)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_title(model, fontsize=9)
-        ax.set_ylabel("step time / dense")
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_ylim(0.9, max(1.2, 1.05 * max(r["event"] for r in rows)))
+        ax.set_title(model, fontsize=10)
+        ax.set_ylabel("step time / dense step time")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
