@@ -81,7 +81,8 @@ class Bench:
     repeats: int | None = None  # at most this many fresh runs (the compute-bound rows vary little between runs)
 
 
-def _linear_names(model: nn.Module, prefix: str = "") -> list[str]:
+def _weight_layers(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the Linear and Conv2d modules under `prefix`, in order."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n.startswith(prefix)]
 
 
@@ -96,13 +97,13 @@ def benches(minilm_path: str | None, quick: bool = False) -> dict[str, Bench]:
         "mlp 4x1024, batch 256": Bench(
             mlp,
             lambda: (torch.randn(8 if quick else 256, 1024), torch.randint(0, 10, (8 if quick else 256,))),
-            lambda m: _linear_names(m)[:-1],
+            lambda m: _weight_layers(m)[:-1],  # all but the classifier
             w,
         ),
         "cnn 28x28, batch 64": Bench(
             cnn,
             lambda: (torch.randn(8 if quick else 64, 1, 28, 28), torch.randint(0, 10, (8 if quick else 64,))),
-            lambda m: [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)],
+            lambda m: _weight_layers(m)[:-1],  # every conv, not the classifier
             w,
             repeats=1,
         ),
@@ -112,7 +113,7 @@ def benches(minilm_path: str | None, quick: bool = False) -> dict[str, Bench]:
         rows[f"MiniLM-L6, batch {batch} x {length} tokens"] = Bench(
             lambda: MiniLMClassifier(minilm_path),
             lambda: (torch.randint(1000, 20000, (batch, length)), torch.randint(0, 5, (batch,))),
-            lambda m: _linear_names(m, "bert.encoder."),
+            lambda m: _weight_layers(m, "bert.encoder."),
             Window(8, 1, 5, 2) if quick else Window(70, 10, 40, 5),
             repeats=1,
         )
@@ -134,7 +135,7 @@ class Stepper(Protocol):
 
 
 class Dense:
-    """The dense reference: AdamW, no pruning."""
+    """The dense reference: AdamW, no pruning. Pruned copies subclass it and fill in the two hook points."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -144,8 +145,16 @@ class Dense:
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(self.model(x), y).backward()
+        self.before_optimizer_step()
         self.opt.step()
+        self.after_optimizer_step()
         return time.perf_counter() - start
+
+    def before_optimizer_step(self) -> None:
+        """Between backward and the optimizer step: nothing for dense."""
+
+    def after_optimizer_step(self) -> None:
+        """After the optimizer step: nothing for dense."""
 
     def roots(self) -> tuple[Any, ...]:
         return (self.model, self.opt)
@@ -201,7 +210,7 @@ def measure(bench: Bench, pruned: Callable[[nn.Module], Stepper], repeats: int) 
         base = bench.build()
         x, y = bench.inputs()
         ref, tool = Dense(copy.deepcopy(base)), pruned(copy.deepcopy(base))
-        unit = target_bytes(base, bench)
+        unit = sum(w.numel() * w.element_size() for w in target_weights(base, bench))
 
         def probe(i: int, ref: Stepper = ref, tool: Stepper = tool, unit: int = unit) -> None:
             if i in (mid, bench.window.steps - 1):
@@ -210,8 +219,7 @@ def measure(bench: Bench, pruned: Callable[[nn.Module], Stepper], repeats: int) 
                 ) / unit
 
         runs.append(phase_ratios(alternate(ref, tool, x, y, bench.window.steps, probe), bench.window))
-    modules = dict(tool.model.named_modules())
-    weights = [modules[name].weight for name in bench.targets(tool.model)]
+    weights = target_weights(tool.model, bench)
     return {
         **{k: statistics.median(r[k] for r in runs) for k in PHASES},
         "window mean, runs": sorted(r["window mean"] for r in runs),
@@ -240,10 +248,10 @@ def phase_ratios(times: Sequence[tuple[float, float]], window: Window) -> dict[s
     }
 
 
-def target_bytes(model: nn.Module, bench: Bench) -> int:
-    """Bytes of the weights every tool prunes in this row (the unit for the memory figures)."""
+def target_weights(model: nn.Module, bench: Bench) -> list[torch.Tensor]:
+    """The weights every tool prunes in this row (for ModelPruning, its recomputed masked `weight`)."""
     modules = dict(model.named_modules())
-    return sum(modules[name].weight.numel() * modules[name].weight.element_size() for name in bench.targets(model))
+    return [modules[name].weight for name in bench.targets(model)]
 
 
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.FrameType)

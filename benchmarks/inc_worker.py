@@ -17,25 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
-from benchmarks.harness import TARGET, Bench, benches, make_optimizer, measure
+from benchmarks.harness import TARGET, Bench, Dense, benches, measure
 
 
-class IncRunner:
-    """A model copy pruned by INC: its hooks fire inside `model(x)` and `opt.step()`."""
+class IncRunner(Dense):
+    """A model copy pruned by INC: its hooks fire inside `model(x)` and `opt.step()`, so a step is dense's."""
 
     def __init__(self, model: nn.Module, bench: Bench, pattern: str, criterion: str) -> None:
         from neural_compressor.compression.pruner import prepare_pruning
         from neural_compressor.config import WeightPruningConfig
 
-        self.model = model
-        self.opt = make_optimizer(model)
+        super().__init__(model)
         w = bench.window
         # fresh lists: INC's defaults are shared mutable lists that its config processing appends to, so a
         # second config in one process inherits the first one's layers
@@ -54,13 +51,6 @@ class IncRunner:
         )
         self.pruning = prepare_pruning(model, config, optimizer=self.opt)
         self.pruning.on_train_begin()
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        start = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(x), y).backward()
-        self.opt.step()
-        return time.perf_counter() - start
 
     def roots(self) -> tuple[Any, ...]:
         return (self.model, self.opt, self.pruning)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import PHASES, TARGET, Bench, benches, make_optimizer, measure
+from benchmarks.harness import PHASES, TARGET, Bench, Dense, benches, measure
 from lightning_prune import Pruning
 from lightning_prune.schedules import Iterative
 
@@ -50,12 +49,11 @@ def _schedule(bench: Bench) -> Iterative:
     return Iterative(start_step=w.start, end_step=w.end, frequency=w.frequency, decay="exp")
 
 
-class Ours:
+class Ours(Dense):
     """A model copy pruned by lightning_prune's `Pruning` callback, its hooks called as Lightning calls them."""
 
     def __init__(self, model: nn.Module, bench: Bench, pattern: str, criterion: str) -> None:
-        self.model = model
-        self.opt = make_optimizer(model)
+        super().__init__(model)
         self.trainer = StubTrainer()
         self.cb = Pruning(
             TARGET,
@@ -68,21 +66,18 @@ class Ours:
         self.cb.setup(self.trainer, model, "fit")  # type: ignore[arg-type]
         self.cb.on_train_start(self.trainer, model)  # type: ignore[arg-type]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        start = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(x), y).backward()
+    def before_optimizer_step(self) -> None:
         self.cb.on_before_optimizer_step(self.trainer, self.model, self.opt)  # type: ignore[arg-type]
-        self.opt.step()
+
+    def after_optimizer_step(self) -> None:
         self.cb.on_train_batch_end(self.trainer, self.model, None, None, 0)  # type: ignore[arg-type]
         self.trainer.global_step += 1
-        return time.perf_counter() - start
 
     def roots(self) -> tuple[Any, ...]:
         return (self.model, self.opt, self.cb)
 
 
-class LightningModelPruning:
+class LightningModelPruning(Dense):
     """A model copy pruned by Lightning's ModelPruning (global l1_unstructured) at the same events.
 
     ModelPruning's amount applies to what is still unpruned, so each event's amount is converted from the
@@ -90,8 +85,7 @@ class LightningModelPruning:
     """
 
     def __init__(self, model: nn.Module, bench: Bench) -> None:
-        self.model = model
-        self.opt = make_optimizer(model)
+        super().__init__(model)
         self.trainer = StubTrainer()
         self.schedule = _schedule(bench)
         modules = dict(model.named_modules())
@@ -105,17 +99,14 @@ class LightningModelPruning:
         self.mp.setup(self.trainer, model, "fit")  # type: ignore[arg-type]
         self.reached = 0.0
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        start = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(x), y).backward()
+    def before_optimizer_step(self) -> None:
         if self.trainer.global_step in self.schedule.event_steps():
             new = self.schedule.sparsity(self.schedule.last_event_at(self.trainer.global_step), TARGET)
             self.mp.apply_pruning((new - self.reached) / (1.0 - self.reached))
             self.reached = new
-        self.opt.step()
+
+    def after_optimizer_step(self) -> None:
         self.trainer.global_step += 1
-        return time.perf_counter() - start
 
     def roots(self) -> tuple[Any, ...]:
         return (self.model, self.opt, self.mp)
