@@ -11,7 +11,7 @@ entries in place; for accumulating criteria that is the running state itself, an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,13 +31,27 @@ class Criterion:
     Attributes:
         needs_grad: scores use gradients, so events must happen where gradients exist.
         accumulates: a running score is updated on every step of the scoring window.
+        elementwise: :meth:`update` treats every entry on its own, so the caller may pass row slices of the
+            weights, gradients and scores instead of whole tensors.
     """
 
     needs_grad: bool = False
     accumulates: bool = False
+    elementwise: bool = False
 
-    def update(self, state: list[Tensor], weights: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-        """Fold one step into the running scores ``state`` (accumulating criteria only)."""
+    def update(
+        self,
+        state: list[Tensor],
+        weights: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Fold one step into the running scores ``state`` (accumulating criteria only).
+
+        With ``reduce`` (a linear map such as a block mean), each step's element scores are reduced before
+        they are folded in, and ``state`` holds reduced scores: the same result as reducing the running
+        element scores at an event, without keeping them.
+        """
 
     def scores(
         self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
@@ -133,6 +147,7 @@ class SnipMomentum(Criterion):
 
     needs_grad = True
     accumulates = True
+    elementwise = True
 
     def __init__(self, momentum: float = 1.0, scale: float = 0.9) -> None:
         for name, value in (("momentum", momentum), ("scale", scale)):
@@ -143,8 +158,14 @@ class SnipMomentum(Criterion):
         self.momentum = float(momentum)
         self.scale = float(scale)
 
-    def update(self, state: list[Tensor], weights: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-        """Score ← momentum·Score + scale·|W·G|; skipped if a gradient is not finite (when checking)."""
+    def update(
+        self,
+        state: list[Tensor],
+        weights: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Score ← momentum·Score + scale·reduce(|W·G|); skipped if a gradient is not finite (when checking)."""
         pairs = [(s, w.detach(), g.detach()) for s, w, g in zip(state, weights, grads) if g is not None]
         if not pairs:
             return
@@ -163,12 +184,13 @@ class SnipMomentum(Criterion):
             else:
                 product.copy_(w).mul_(g)
             torch.abs(product, out=product)
+            term = product if reduce is None else reduce(product)
             if self.momentum == 0.0:  # not -inf * 0: pruned entries restart at 0 and are masked at the next event
-                torch.mul(product, self.scale, out=score)
+                torch.mul(term, self.scale, out=score)
                 continue
             if self.momentum != 1.0:
                 score.mul_(self.momentum)
-            score.add_(product, alpha=self.scale)
+            score.add_(term, alpha=self.scale)
 
     _buffer: Tensor | None = None
 

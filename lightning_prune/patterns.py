@@ -51,10 +51,14 @@ def from_matrix(m: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
 class Pattern(ABC):
     """Base class: a pattern reduces element scores to unit scores and expands unit decisions back.
 
-    Subclasses set ``max_sparsity`` when the pattern caps the reachable sparsity (``N:M`` reaches N/M).
+    Subclasses set ``max_sparsity`` when the pattern caps the reachable sparsity (``N:M`` reaches N/M), and
+    ``linear`` when a unit's score is a fixed weighted mean of its elements' scores (so running scores can be
+    kept per unit: the mean of a running sum is the running sum of the means).
     """
 
     max_sparsity: float = 1.0
+    linear: bool = False
+    unit_rows: int | None = 1  # rows along dim 0 that every unit lies within; None: a unit spans all rows
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Raise ``ValueError`` if this pattern cannot apply to a weight of ``shape``."""
@@ -76,6 +80,16 @@ class Pattern(ABC):
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Turn a bool tensor over units (True = prune) into a bool tensor over elements (True = prune)."""
 
+    def unit_view(self, shape: torch.Size | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """A view of a contiguous weight of ``shape`` in which every unit is a box, or None if there is none.
+
+        Returns ``(view_shape, unit_dims)``: each unit's elements differ only along ``unit_dims`` of the view,
+        so a per-unit 0/1 tensor (size 1 along ``unit_dims``) broadcasts over the weight: far fewer bytes than
+        a per-weight mask, and faster to multiply. None for patterns without whole-box units (unstructured,
+        N:M) and where units are cut at the edges (partial blocks).
+        """
+        return None
+
     def conforms(self, mask: Tensor) -> bool:
         """Whether a keep-mask (True = kept) is made of whole units of this pattern."""
         pruned = ~mask
@@ -91,6 +105,8 @@ class Unstructured(Pattern):
         >>> Unstructured().unit_sizes((3, 4))
         1
     """
+
+    linear = True
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Any shape works."""
@@ -126,12 +142,15 @@ class Block(Pattern):
         torch.Size([2, 3])
     """
 
+    linear = True
+
     def __init__(self, rows: int, cols: int) -> None:
         for name, value in (("rows", rows), ("cols", cols)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Block {name} must be a positive int, got {value!r}")
         self.rows = rows
         self.cols = cols
+        self.unit_rows = rows
 
     def _padded(self, m: Tensor, value: float) -> Tensor:
         r, c = m.shape
@@ -145,7 +164,7 @@ class Block(Pattern):
         m = as_matrix(scores)
         total = self._padded(m, 0.0).sum(dim=(1, 3))
         sizes = self.unit_sizes(tuple(scores.shape))
-        return total / sizes if isinstance(sizes, int) else total / sizes.to(total.device, total.dtype)
+        return total.div_(sizes if isinstance(sizes, int) else sizes.to(total.device, total.dtype))
 
     def unit_sizes(self, shape: torch.Size | tuple[int, ...]) -> int | Tensor:
         """``rows * cols``, smaller for partial blocks at the edges."""
@@ -160,6 +179,23 @@ class Block(Pattern):
         if c % self.cols:
             col_sizes[-1] = c % self.cols
         return row_sizes[:, None] * col_sizes[None, :]
+
+    def unit_view(self, shape: torch.Size | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """Blocks as boxes: rows split as (blocks, rows); columns as (blocks, cols) when they tile exactly.
+
+        Example:
+            >>> Block(4, 1).unit_view((8, 3))
+            ((2, 4, 3), (1,))
+        """
+        out, cin, *kernel = shape
+        if out % self.rows:
+            return None
+        rows = (out // self.rows, self.rows)
+        if self.cols == 1:  # each column is its own block, whatever the column order of the matrix view
+            return (*rows, cin * math.prod(kernel)), (1,)
+        if cin % self.cols:
+            return None  # blocks would straddle kernel positions or be cut at the edge
+        return (*rows, cin // self.cols, self.cols, *kernel), (1, 3)
 
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Repeat each block decision over its elements, cropping partial blocks."""
@@ -186,11 +222,14 @@ class Channel(Pattern):
         torch.Size([8])
     """
 
+    linear = True
+
     def __init__(self, kind: str) -> None:
         if kind not in ("input", "output"):
             raise ValueError(f"Channel kind must be 'input' or 'output', got {kind!r}")
         self.kind = kind
         self._dim = 1 if kind == "input" else 0
+        self.unit_rows = None if kind == "input" else 1
 
     def unit_scores(self, scores: Tensor) -> Tensor:
         """Mean score of each channel."""
@@ -200,6 +239,15 @@ class Channel(Pattern):
     def unit_sizes(self, shape: torch.Size | tuple[int, ...]) -> int:
         """Elements in one channel."""
         return math.prod(shape) // shape[self._dim]
+
+    def unit_view(self, shape: torch.Size | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """The weight itself; a channel spans every dimension but its own.
+
+        Example:
+            >>> Channel("output").unit_view((8, 3, 3, 3))
+            ((8, 3, 3, 3), (1, 2, 3))
+        """
+        return tuple(shape), tuple(d for d in range(len(shape)) if d != self._dim)
 
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Broadcast each channel decision over the channel."""

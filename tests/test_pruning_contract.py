@@ -10,6 +10,7 @@ import torch
 from conftest import OPTIMIZERS, make_loader, make_module, make_trainer
 
 from lightning_prune import Pruning
+from lightning_prune.criteria import SnipMomentum
 from lightning_prune.schedules import Iterative, OneShot
 
 PATTERNS = ["unstructured", "4x1", "1x4", "2x2", "channelx1", "1xchannel", "2:4"]
@@ -220,3 +221,50 @@ def test_pruned_units_rank_below_live_zeros(pattern):
     total = sum(m.numel() for m in cb.masks.values())
     unit = 1 if pattern == "unstructured" else 4
     assert abs(cb.sparsity() - 0.3) <= (unit / 2 + 0.5) / total
+
+
+class PerWeightSnipMomentum(SnipMomentum):
+    """SnipMomentum whose update takes no ``reduce``: the callback keeps its running scores per weight."""
+
+    def update(self, state, weights, grads):  # type: ignore[override]
+        super().update(state, weights, grads)
+
+
+@pytest.mark.parametrize(("kind", "pattern"), [("mlp", "4x1"), ("cnn", "4x1"), ("cnn", "2x3"), ("cnn", "channelx1")])
+def test_running_scores_per_unit_prune_as_per_weight_scores(kind, pattern):
+    schedule = Iterative(start_step=2, end_step=14, frequency=3)
+    per_unit = Pruning(0.6, pattern=pattern, criterion="snip_momentum", schedule=schedule)
+    per_weight = Pruning(0.6, pattern=pattern, criterion=PerWeightSnipMomentum(), schedule=schedule)
+    for cb in (per_unit, per_weight):
+        module = make_module(kind, "adamw")
+        make_trainer([cb], max_steps=12).fit(module, make_loader(module))  # stops inside the window
+    assert per_unit._scores is not None and per_weight._scores is not None
+    for unit_scores, weight_scores, mask in zip(per_unit._scores, per_weight._scores, per_unit.masks.values()):
+        assert unit_scores.numel() < weight_scores.numel() == mask.numel(), "kept per unit, not per weight"
+        reduced = per_unit.pattern.unit_scores(weight_scores)
+        live = reduced > -math.inf
+        assert torch.equal(unit_scores > -math.inf, live), "the same units carry -inf (pruned)"
+        torch.testing.assert_close(unit_scores[live], reduced[live], rtol=1e-5, atol=1e-7)
+    for name, mask in per_weight.masks.items():
+        assert torch.equal(per_unit.masks[name], mask), name
+
+
+def test_element_scores_in_a_checkpoint_are_reduced_to_units():
+    schedule = Iterative(start_step=2, end_step=14, frequency=3)
+    old = Pruning(0.6, pattern="4x1", criterion=PerWeightSnipMomentum(), schedule=schedule)
+    module = make_module("mlp", "adamw")
+    make_trainer([old], max_steps=8).fit(module, make_loader(module))
+    state = old.state_dict()  # element-shaped scores, as checkpoints written before per-unit scores
+    new = Pruning(0.6, pattern="4x1", criterion="snip_momentum", schedule=schedule)
+    new.load_state_dict(state)
+    make_trainer([new], max_steps=8).fit(make_module("mlp", "adamw"), make_loader(module))
+    for fqn, saved in state["scores"].items():
+        index = list(new.masks).index(fqn)
+        assert new._scores is not None
+        assert new._scores[index].shape == new.pattern.unit_scores(saved).shape
+
+    broken = dict(state, scores={fqn: s.flatten()[:5] for fqn, s in state["scores"].items()})
+    refused = Pruning(0.6, pattern="4x1", criterion="snip_momentum", schedule=schedule)
+    refused.load_state_dict(broken)
+    with pytest.raises(ValueError, match=r"checkpoint scores for '.*' have shape \(5,\)"):
+        make_trainer([refused], max_steps=9).fit(make_module("mlp", "adamw"), make_loader(module))

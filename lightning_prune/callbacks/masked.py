@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_prune.patterns import Pattern
 from lightning_prune.report import SparsityRow, sparsity_report
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
@@ -59,6 +60,47 @@ def _check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
+def _unit_multiplier(
+    pattern: Pattern | None, param: Tensor, mask: Tensor
+) -> tuple[tuple[int, ...] | None, Tensor | None]:
+    """The view shape and per-unit 0/1 multiplier of ``mask``, or ``(None, None)`` if it has none.
+
+    A mask has one if it is made of whole units that are boxes of a view of ``param``; not without a pattern,
+    for patterns without such a view, or while progressive pruning has cut units partially.
+    """
+    found = pattern.unit_view(tuple(param.shape)) if pattern is not None and param.is_contiguous() else None
+    if found is None:
+        return None, None
+    view, unit_dims = found
+    boxes = mask.reshape(view).view(torch.uint8)  # bool all/any along inner dims are ~50x slower on CPU
+    kept = boxes.amin(dim=unit_dims, keepdim=True)
+    if not torch.equal(kept, boxes.amax(dim=unit_dims, keepdim=True)):
+        return None, None
+    return view, kept.to(param.dtype)
+
+
+def all_kept(mask: Tensor) -> bool:
+    """Whether a bool mask is all True (a min over its bytes: several times faster than ``mask.all()``)."""
+    return mask.numel() == 0 or bool(mask.reshape(-1).view(torch.uint8).amin())
+
+
+def _multiply(tensors: list[Tensor], mults: list[Tensor], views: list[tuple[int, ...] | None]) -> None:
+    """``tensors[i] *= mults[i]`` in place, fused; a per-unit multiplier broadcasts over its unit view."""
+    fused: list[Tensor] = []
+    factors: list[Tensor] = []
+    for tensor, mult, view in zip(tensors, mults, views):
+        if view is None:
+            fused.append(tensor)
+        elif tensor.is_contiguous():
+            fused.append(tensor.view(view))
+        else:  # e.g. a channels_last gradient of a contiguous weight: rare, and slower
+            tensor.mul_(mult.expand(view).reshape(tensor.shape))
+            continue
+        factors.append(mult)
+    if fused:
+        torch._foreach_mul_(fused, factors)
+
+
 class MaskedWeights(Callback):
     """Base class: targets, their masks, and pruned weights kept at exactly zero through training.
 
@@ -85,7 +127,11 @@ class MaskedWeights(Callback):
         self.include, self.exclude = include, exclude
         self._targets: dict[str, torch.nn.Parameter] = {}
         self._masks: dict[str, Tensor] = {}
-        self._multipliers: list[Tensor] = []  # masks in each weight's dtype: the fused zeroing is ~3x faster
+        # Masks in each weight's dtype (the fused zeroing is ~3x faster than with bool masks); per unit where
+        # the mask is made of whole units that form boxes in a view of the weight (`Pattern.unit_view`): then
+        # `_unit_views[i]` is that view's shape and the multiplier broadcasts over it, else it is None.
+        self._multipliers: list[Tensor] = []
+        self._unit_views: list[tuple[int, ...] | None] = []
         self._pending: dict[str, Any] | None = None
         self._stepped = False  # an optimizer stepped that may have moved pruned weights
         self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
@@ -209,35 +255,47 @@ class MaskedWeights(Callback):
         self._zero_weights()
         self._moments_cleared = None
 
+    def _unit_pattern(self) -> Pattern | None:
+        """The pattern whose units masks are made of, if any (per-unit multipliers need one)."""
+        return None
+
     def _refresh_multipliers(self) -> None:
-        if not self._multipliers:
-            if all(bool(m.all()) for m in self._masks.values()):
-                return
-            self._multipliers = [torch.empty_like(p) for p in self._targets.values()]
-        for multiplier, mask in zip(self._multipliers, self._masks.values()):
-            multiplier.copy_(mask)
+        if not self._multipliers and all(all_kept(m) for m in self._masks.values()):
+            return
+        pattern = self._unit_pattern()
+        old: list[Tensor | None] = [*self._multipliers] or [None] * len(self._masks)
+        self._multipliers, self._unit_views = [], []
+        for previous, param, mask in zip(old, self._targets.values(), self._masks.values()):
+            view, multiplier = _unit_multiplier(pattern, param, mask)
+            if multiplier is None:  # per weight; reuse the previous buffer when it is one
+                reusable = previous is not None and previous.shape == param.shape and previous.dtype == param.dtype
+                multiplier = previous if previous is not None and reusable else torch.empty_like(param)
+                multiplier.copy_(mask)
+            self._multipliers.append(multiplier)
+            self._unit_views.append(view)
         for _, fqn, multiplier in self._coupled:
             mask = self._masks[fqn]
             multiplier.copy_(mask.reshape(mask.shape[0], -1).any(dim=1))  # a filter with any weight left
 
-    def _pairs(self) -> tuple[list[torch.nn.Parameter], list[Tensor]]:
-        """Every parameter kept at zero with its multiplier: the targets, then the coupled parameters."""
+    def _pairs(self) -> tuple[list[torch.nn.Parameter], list[Tensor], list[tuple[int, ...] | None]]:
+        """Every parameter kept at zero with its multiplier and unit view: the targets, then coupled ones."""
         params = [*self._targets.values(), *(p for p, _, _ in self._coupled)]
-        return params, [*self._multipliers, *(m for _, _, m in self._coupled)]
+        views = [*self._unit_views, *(None for _ in self._coupled)]
+        return params, [*self._multipliers, *(m for _, _, m in self._coupled)], views
 
     @torch.no_grad()
     def _zero_weights(self) -> None:
         if self._multipliers:
-            params, mults = self._pairs()
-            torch._foreach_mul_([p.data for p in params], mults)
+            params, mults, views = self._pairs()
+            _multiply([p.data for p in params], mults, views)
 
     def _mask_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._multipliers:
             return
-        pairs = [(w.grad, m) for w, m in zip(*self._pairs()) if w.grad is not None]
-        if pairs:
-            grads, mults = (list(x) for x in zip(*pairs))
-            torch._foreach_mul_(grads, mults)
+        triples = [(w.grad, m, v) for w, m, v in zip(*self._pairs()) if w.grad is not None]
+        if triples:
+            grads, mults, views = (list(x) for x in zip(*triples))
+            _multiply(grads, mults, views)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
         if self._moments_cleared is not optimizer and not self._clear_moments(optimizer):
             self._stepped = True  # an optimizer we cannot reason about: re-zero the weights after it
@@ -248,22 +306,24 @@ class MaskedWeights(Callback):
         names = _ZERO_KEEPING.get(type(optimizer))
         if names is None:
             return False
-        params, multipliers = self._pairs()
+        params, multipliers, views = self._pairs()
         managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not all(id(p) in managed for p in params if p.grad is not None):
             return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
         moments: list[Tensor] = []
         mults: list[Tensor] = []
-        for param, mult in zip(params, multipliers):
+        moment_views: list[tuple[int, ...] | None] = []
+        for param, mult, view in zip(params, multipliers, views):
             state = optimizer.state.get(param, {})
             for name in names:
                 moment = state.get(name)
                 if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
                     moments.append(moment)
                     mults.append(mult)
+                    moment_views.append(view)
                 elif moment is not None:
                     return False
         if moments:
-            torch._foreach_mul_(moments, mults)
+            _multiply(moments, mults, moment_views)
         self._moments_cleared = optimizer
         return True

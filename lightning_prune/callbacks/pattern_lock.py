@@ -96,6 +96,9 @@ class PatternLock(MaskedWeights):
     def _pattern_name(self) -> str:
         return str(self.pattern) if self.pattern is not None else "locked"
 
+    def _unit_pattern(self) -> Pattern | None:
+        return self.pattern
+
     def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
         if self.pattern is not None:
             self.pattern.check(fqn, param.shape)

@@ -53,6 +53,8 @@ class ProgressivePruning(Pruning):
         4
     """
 
+    _element_scores = True  # interval masks rank single weights inside the planned units
+
     def __init__(
         self,
         target_sparsity: float,

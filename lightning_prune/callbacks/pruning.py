@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.callbacks.masked import MaskedWeights
+from lightning_prune.callbacks.masked import MaskedWeights, all_kept
 from lightning_prune.criteria import Criterion, parse_criterion
-from lightning_prune.patterns import Channel, Pattern, parse_pattern
+from lightning_prune.patterns import Channel, Pattern, Unstructured, parse_pattern
 from lightning_prune.regularization import GroupLasso
 from lightning_prune.report import format_report
 from lightning_prune.schedules import Iterative, Schedule
@@ -23,6 +24,7 @@ from lightning_prune.selection import SCOPES, select
 __all__ = ["Pruning"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_SLICE_ELEMENTS = 1 << 20  # |W·G| computed 1M weights (4 MB) at a time when scoring
 
 
 def _check_fraction(name: str, value: object, upper_open: bool) -> float:
@@ -258,8 +260,9 @@ class Pruning(MaskedWeights):
         weights = list(self._targets.values())
         if self.criterion.accumulates and schedule.start <= step <= schedule.end:
             if self._scores is None:
-                self._scores = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-            self.criterion.update(self._scores, weights, [w.grad for w in weights])
+                shapes = [self._score_shape(w) for w in weights]
+                self._scores = [torch.zeros(s, dtype=torch.float32, device=w.device) for s, w in zip(shapes, weights)]
+            self._update_scores(weights)
         event = schedule.last_event_at(step)
         if event > self._last_event:
             self._prune(schedule.sparsity(event, self.target_sparsity))
@@ -268,6 +271,40 @@ class Pruning(MaskedWeights):
             if event == schedule.num_events - 1:
                 self._scores = None  # no event left: running scores and scratch memory are no longer needed
                 self.criterion.release()
+
+    @torch.no_grad()
+    def _update_scores(self, weights: list[torch.nn.Parameter]) -> None:
+        """Fold this step into the running scores, in row slices where the criterion is elementwise.
+
+        Slices of at most 4 MB cap the criterion's |W·G| scratch whatever the model; each slice holds
+        whole units (a multiple of ``pattern.unit_rows`` rows), so that per-unit scores stay exact.
+        """
+        assert self._scores is not None
+        per_unit = self._scores_per_unit
+        rows_per_unit = self.pattern.unit_rows if per_unit else 1
+        scores: list[Tensor] = []
+        values: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        for score, weight in zip(self._scores, weights):
+            grad = weight.grad
+            rows = weight.shape[0] if weight.dim() else 0
+            step = rows
+            if self.criterion.elementwise and rows_per_unit is not None and rows > 1:
+                step = max(_SLICE_ELEMENTS * rows // weight.numel() // rows_per_unit, 1) * rows_per_unit
+            if step >= rows or rows_per_unit is None:
+                scores.append(score)
+                values.append(weight)
+                grads.append(grad)
+                continue
+            for a in range(0, rows, step):
+                b = min(a + step, rows)
+                scores.append(score[a // rows_per_unit : -(-b // rows_per_unit)])
+                values.append(weight[a:b])
+                grads.append(None if grad is None else grad[a:b])
+        if per_unit:
+            self.criterion.update(scores, values, grads, reduce=self.pattern.unit_scores)
+        else:
+            self.criterion.update(scores, values, grads)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,6 +336,9 @@ class Pruning(MaskedWeights):
     # ------------------------------------------------------------------ helpers
     def _pattern_name(self) -> str:
         return str(self.pattern)
+
+    def _unit_pattern(self) -> Pattern | None:
+        return self.pattern
 
     def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
         self.pattern.check(fqn, param.shape)
@@ -350,7 +390,26 @@ class Pruning(MaskedWeights):
         self._last_event = int(state["last_event"])
         scores = state.get("scores")
         if scores is not None:
-            self._scores = [scores[fqn].to(p.device, torch.float32) for fqn, p in self._targets.items()]
+            self._scores = [self._restored_scores(fqn, scores[fqn], p) for fqn, p in self._targets.items()]
+
+    def _score_shape(self, weight: Tensor) -> tuple[int, ...]:
+        """Running scores are kept per unit where the pattern allows it (a quarter of the memory at 4x1)."""
+        if self._scores_per_unit:
+            return tuple(self.pattern.unit_scores(torch.empty(weight.shape, device="meta")).shape)
+        return tuple(weight.shape)
+
+    def _restored_scores(self, fqn: str, saved: Tensor, param: Tensor) -> Tensor:
+        """Saved running scores on the weight's device; element scores (older checkpoints) reduced to units."""
+        scores = saved.to(param.device, torch.float32)
+        expected = self._score_shape(param)
+        if tuple(scores.shape) == expected:
+            return scores
+        if self._scores_per_unit and tuple(scores.shape) == tuple(param.shape):
+            return self.pattern.unit_scores(scores)
+        raise ValueError(
+            f"checkpoint scores for '{fqn}' have shape {tuple(scores.shape)}; pattern '{self.pattern}' on weight "
+            f"{tuple(param.shape)} keeps them as {expected}"
+        )
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
@@ -407,21 +466,55 @@ class Pruning(MaskedWeights):
         ]
         self._masks_changed()
 
+    @property
+    def _scores_per_unit(self) -> bool:
+        """Whether running scores are kept per unit rather than per weight (linear patterns only)."""
+        if not (self.criterion.accumulates and self.pattern.linear) or self._element_scores:
+            return False
+        if isinstance(self.pattern, Unstructured):
+            return False  # units are single weights: nothing to save
+        # A criterion (or a wrapper around its update) written without ``reduce`` keeps per-weight scores.
+        parameters = inspect.signature(self.criterion.update).parameters.values()
+        return any(p.name == "reduce" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+    # Subclasses that rank single weights inside units (progressive pruning) keep running scores per weight.
+    _element_scores: bool = False
+
     def _current_scores(self) -> list[Tensor]:
-        """The criterion's element scores, -inf where pruned (so units holding pruned weights sort first)."""
+        """The criterion's scores, -inf where pruned (so units holding pruned weights sort first).
+
+        Element scores, or unit scores where running scores are kept per unit (:attr:`_scores_per_unit`).
+        """
         weights = list(self._targets.values())
         scores = self.criterion.scores(self._scores, weights, [w.grad for w in weights])
+        if self._scores_per_unit:
+            for score, mask in zip(scores, self._masks.values()):
+                score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)
+                if not all_kept(mask):
+                    kept = self.pattern.unit_scores(mask.float()).floor_()  # 1 = unit wholly kept, else 0
+                    score.div_(kept).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            return scores
         # Arithmetic on the 0/1 multipliers: masked_fill_ with a scattered mask is ~30x slower on CPU.
         for i, score in enumerate(scores):
             score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)  # kept scores become finite
             if self._multipliers:
-                score.div_(self._multipliers[i])  # kept: unchanged; pruned: +inf, -inf or NaN
+                view, mult = self._unit_views[i], self._multipliers[i]
+                if view is not None and not score.is_contiguous():
+                    mult, view = mult.expand(view).reshape(score.shape), None
+                (score if view is None else score.view(view)).div_(mult)  # kept: same; pruned: ±inf or NaN
                 score.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
         return scores
 
     def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
-        """Element masks (True = pruned) of the pattern's units that reach ``sparsity``, pruned ones first."""
-        units = [self.pattern.unit_scores(s) for s in scores]
+        """Element masks (True = pruned) of the pattern's units that reach ``sparsity``, pruned ones first.
+
+        ``scores`` are those of :meth:`_current_scores`: per element, or per unit if kept so.
+        """
+        if self._scores_per_unit:
+            units = scores
+            scores = [torch.empty(p.shape, device="meta") for p in self._targets.values()]  # shapes, for expand
+        else:
+            units = [self.pattern.unit_scores(s) for s in scores]
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
         picks = select(
             units,
