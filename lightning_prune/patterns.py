@@ -53,12 +53,14 @@ class Pattern(ABC):
 
     Subclasses set ``max_sparsity`` when the pattern caps the reachable sparsity (``N:M`` reaches N/M), and
     ``linear`` when a unit's score is a fixed weighted mean of its elements' scores (so running scores can be
-    kept per unit: the mean of a running sum is the running sum of the means).
+    kept per unit: the mean of a running sum is the running sum of the means). ``unit_rows``: every unit
+    lies within one aligned group of that many rows along dim 0, so row slices of a weight that start at
+    multiples of it hold whole units; None where a unit spans all rows (input channels).
     """
 
     max_sparsity: float = 1.0
     linear: bool = False
-    unit_rows: int | None = 1  # rows along dim 0 that every unit lies within; None: a unit spans all rows
+    unit_rows: int | None = 1
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Raise ``ValueError`` if this pattern cannot apply to a weight of ``shape``."""
