@@ -37,8 +37,10 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     assert "INC not run" in text
     assert set(results["selection"]) == {"0.2M", "0.4M"}
     assert "| Torch-Pruning alone |" in text
+    assert "ours / Torch-Pruning = " in text
     slim = results["slim"]
     assert slim["ours"]["params"] == slim["torch-pruning"]["params"] < slim["dense"]["params"]
+    assert slim["ours_over_torch_pruning"] > 0
 
     # one section again: the others are kept from results.json
     proc = subprocess.run([*cmd, "--sections", "slim"], cwd=ROOT, capture_output=True, text=True, timeout=600)
