@@ -52,10 +52,10 @@ class Pattern(ABC):
     """Base class: a pattern reduces element scores to unit scores and expands unit decisions back.
 
     Subclasses set ``max_sparsity`` when the pattern caps the reachable sparsity (``N:M`` reaches N/M), and
-    ``linear`` when a unit's score is a fixed weighted mean of its elements' scores (so running scores can be
-    kept per unit: the mean of a running sum is the running sum of the means). ``unit_rows``: every unit
-    lies within one aligned group of that many rows along dim 0, so row slices of a weight that start at
-    multiples of it hold whole units; None where a unit spans all rows (input channels).
+    ``linear`` when units hold several weights and a unit's score is a fixed weighted mean of theirs (so
+    running scores can be kept per unit: the mean of a running sum is the running sum of the means).
+    ``unit_rows``: every unit lies within one aligned group of that many rows along dim 0, so row slices of a
+    weight that start at multiples of it hold whole units; None where a unit spans all rows (input channels).
     """
 
     max_sparsity: float = 1.0
@@ -107,8 +107,6 @@ class Unstructured(Pattern):
         >>> Unstructured().unit_sizes((3, 4))
         1
     """
-
-    linear = True
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Any shape works."""

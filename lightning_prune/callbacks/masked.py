@@ -268,8 +268,10 @@ class MaskedWeights(Callback):
         for previous, param, mask in zip(old, self._targets.values(), self._masks.values()):
             view, multiplier = _unit_multiplier(pattern, param, mask)
             if multiplier is None:  # per weight; reuse the previous buffer when it is one
-                reusable = previous is not None and previous.shape == param.shape and previous.dtype == param.dtype
-                multiplier = previous if previous is not None and reusable else torch.empty_like(param)
+                if previous is not None and previous.shape == param.shape and previous.dtype == param.dtype:
+                    multiplier = previous
+                else:
+                    multiplier = torch.empty_like(param)
                 multiplier.copy_(mask)
             self._multipliers.append(multiplier)
             self._unit_views.append(view)

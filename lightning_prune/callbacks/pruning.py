@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks.masked import MaskedWeights, all_kept
 from lightning_prune.criteria import Criterion, parse_criterion
-from lightning_prune.patterns import Channel, Pattern, Unstructured, parse_pattern
+from lightning_prune.patterns import Channel, Pattern, parse_pattern
 from lightning_prune.regularization import GroupLasso
 from lightning_prune.report import format_report
 from lightning_prune.schedules import Iterative, Schedule
@@ -127,6 +127,7 @@ class Pruning(MaskedWeights):
         self.regularization = regularization
         self._scores: list[Tensor] | None = None
         self._check_finite = False
+        self._scores_per_unit = False  # decided at the start of training (`_keeps_unit_scores`)
         self._hooks: list[Any] = []  # forward hooks that find a pruned filter's coupled bias and norm
         self._last_event = -1
         self._resolved: Schedule | None = None
@@ -214,6 +215,7 @@ class Pruning(MaskedWeights):
         self._check_finite = precision.startswith("16")
         # bf16: no scaler skips the step; the criterion only keeps non-finite products out of its scores.
         self.criterion._check_finite = "bf16" in precision  # type: ignore[attr-defined]
+        self._scores_per_unit = self._keeps_unit_scores()
         state, self._pending = self._pending, None
         if state is not None:
             self._restore(state)
@@ -466,13 +468,10 @@ class Pruning(MaskedWeights):
         ]
         self._masks_changed()
 
-    @property
-    def _scores_per_unit(self) -> bool:
-        """Whether running scores are kept per unit rather than per weight (linear patterns only)."""
+    def _keeps_unit_scores(self) -> bool:
+        """Whether running scores can be kept per unit rather than per weight (linear patterns only)."""
         if not (self.criterion.accumulates and self.pattern.linear) or self._element_scores:
             return False
-        if isinstance(self.pattern, Unstructured):
-            return False  # units are single weights: nothing to save
         # A criterion (or a wrapper around its update) written without ``reduce`` keeps per-weight scores.
         parameters = inspect.signature(self.criterion.update).parameters.values()
         return any(p.name == "reduce" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
@@ -483,26 +482,25 @@ class Pruning(MaskedWeights):
     def _current_scores(self) -> list[Tensor]:
         """The criterion's scores, -inf where pruned (so units holding pruned weights sort first).
 
-        Element scores, or unit scores where running scores are kept per unit (:attr:`_scores_per_unit`).
+        Element scores, or unit scores where running scores are kept per unit (``_scores_per_unit``).
         """
         weights = list(self._targets.values())
         scores = self.criterion.scores(self._scores, weights, [w.grad for w in weights])
-        if self._scores_per_unit:
-            for score, mask in zip(scores, self._masks.values()):
-                score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)
-                if not all_kept(mask):
-                    kept = self.pattern.unit_scores(mask.float()).floor_()  # 1 = unit wholly kept, else 0
-                    score.div_(kept).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-            return scores
-        # Arithmetic on the 0/1 multipliers: masked_fill_ with a scattered mask is ~30x slower on CPU.
-        for i, score in enumerate(scores):
+        # Arithmetic on 0/1 factors: masked_fill_ with a scattered mask is ~30x slower on CPU.
+        for i, (score, mask) in enumerate(zip(scores, self._masks.values())):
             score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)  # kept scores become finite
-            if self._multipliers:
-                view, mult = self._unit_views[i], self._multipliers[i]
+            if self._scores_per_unit:
+                if all_kept(mask):
+                    continue
+                kept, view = self.pattern.unit_scores(mask.float()).floor_(), None  # 1: unit wholly kept, else 0
+            elif self._multipliers:
+                kept, view = self._multipliers[i], self._unit_views[i]
                 if view is not None and not score.is_contiguous():
-                    mult, view = mult.expand(view).reshape(score.shape), None
-                (score if view is None else score.view(view)).div_(mult)  # kept: same; pruned: ±inf or NaN
-                score.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+                    kept, view = kept.expand(view).reshape(score.shape), None
+            else:
+                continue
+            (score if view is None else score.view(view)).div_(kept)  # kept: same; pruned: ±inf or NaN
+            score.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
         return scores
 
     def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
