@@ -1,15 +1,16 @@
 """Training-step overhead of pruning, as median ratios to a dense copy stepped alternately in one process.
 
-The callback's own hooks are driven by a hand-written loop (the same calls, in the same order, that
-Lightning's automatic optimization makes), so a dense and a pruned copy of one model can alternate step by
-step and share the machine's drift. Lightning's ModelPruning (global l1_unstructured) runs in the same
-harness: it is applied at the same event steps through its own `apply_pruning`, with the amount that
-follows the same exp curve, and its steady-state cost is the reparametrisation it adds to every forward
-pass. Intel Neural Compressor runs in its own environment (`benchmarks/inc_worker.py`, same harness).
+lightning_prune's engine (`Pruner`, which the `Pruning` callback drives) is called from a hand-written loop
+(the same calls, in the same order, that the callback makes under Lightning's automatic optimization), so a
+dense and a pruned copy of one model can alternate step by step and share the machine's drift. Lightning's
+ModelPruning (global l1_unstructured) runs in the same harness: it is applied at the same event steps through
+its own `apply_pruning`, with the amount that follows the same exp curve, and its steady-state cost is the
+reparametrisation it adds to every forward pass. Intel Neural Compressor runs in its own environment
+(`benchmarks/inc_worker.py`, same harness).
 
-Phases: before the window, non-event steps inside it, event steps, the window mean (mean pruned time over
-mean dense time across the window) and after the window; plus what each tool holds beyond the dense copy,
-as a multiple of the pruned weights' bytes.
+Phases: before the window, non-event steps inside it, event steps, the window mean (mean pruned time over mean
+dense time across the window) and after the window; plus what each tool holds beyond the dense copy, as a
+multiple of the pruned weights' bytes.
 
 Usage: python benchmarks/step_overhead.py [--repeats 3] [--quick] [--only 'mlp 4x1024, batch 256 ours 4x1']
 """
@@ -29,13 +30,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import PHASES, TARGET, Bench, Dense, benches, measure
-from lightning_prune import Pruning
+from lightning_prune import Pruner
 from lightning_prune.schedules import Iterative
 
 
 @dataclass
 class StubTrainer:
-    """The attributes of `Trainer` that the callbacks read."""
+    """The attributes of `Trainer` that ModelPruning reads."""
 
     global_step: int = 0
     precision: str = "32-true"
@@ -50,12 +51,13 @@ def _schedule(bench: Bench) -> Iterative:
 
 
 class Ours(Dense):
-    """A model copy pruned by lightning_prune's `Pruning` callback, its hooks called as Lightning calls them."""
+    """A model copy pruned by lightning_prune's engine (`Pruner`), driven as any training loop drives it."""
 
     def __init__(self, model: nn.Module, bench: Bench, pattern: str, criterion: str) -> None:
         super().__init__(model)
-        self.trainer = StubTrainer()
-        self.cb = Pruning(
+        self.global_step = 0
+        self.pruner = Pruner(
+            model,
             TARGET,
             pattern=pattern,
             criterion=criterion,
@@ -63,18 +65,16 @@ class Ours(Dense):
             scope="global",
             include=bench.targets(model),
         )
-        self.cb.setup(self.trainer, model, "fit")  # type: ignore[arg-type]
-        self.cb.on_train_start(self.trainer, model)  # type: ignore[arg-type]
 
     def before_optimizer_step(self) -> None:
-        self.cb.on_before_optimizer_step(self.trainer, self.model, self.opt)  # type: ignore[arg-type]
+        self.pruner.before_optimizer_step(self.global_step, self.opt)
 
     def after_optimizer_step(self) -> None:
-        self.cb.on_train_batch_end(self.trainer, self.model, None, None, 0)  # type: ignore[arg-type]
-        self.trainer.global_step += 1
+        self.pruner.after_optimizer_step()
+        self.global_step += 1
 
     def roots(self) -> tuple[Any, ...]:
-        return (self.model, self.opt, self.cb)
+        return (self.model, self.opt, self.pruner)
 
 
 class LightningModelPruning(Dense):

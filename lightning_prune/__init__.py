@@ -1,4 +1,7 @@
-"""lightning_prune: Lightning callbacks that prune a model while it trains.
+"""lightning_prune: prune a model while it trains, from any loop (``Pruner``) or a Lightning Trainer (callbacks).
+
+Importing the package, ``Pruner`` or the pieces (patterns, criteria, schedules) does not import Lightning; the
+callbacks load it when first used.
 
 Example:
     >>> from lightning_prune import Pruning
@@ -9,8 +12,39 @@ Example:
     4x1
 """
 
-from lightning_prune.callbacks import PatternLock, ProgressivePruning, Pruning
+from typing import TYPE_CHECKING, Any
+
+from lightning_prune.engine import MaskLock, ProgressivePruner, Pruner
 from lightning_prune.report import SparsityRow, format_report, sparsity_report
 
-__all__ = ["PatternLock", "ProgressivePruning", "Pruning", "SparsityRow", "format_report", "sparsity_report"]
+if TYPE_CHECKING:
+    from lightning_prune.callbacks import GroupLasso, PatternLock, ProgressivePruning, Pruning
+
+__all__ = [
+    "GroupLasso",
+    "MaskLock",
+    "PatternLock",
+    "ProgressivePruner",
+    "ProgressivePruning",
+    "Pruner",
+    "Pruning",
+    "SparsityRow",
+    "format_report",
+    "sparsity_report",
+]
 __version__ = "0.1.0"
+
+_CALLBACKS = ("GroupLasso", "PatternLock", "ProgressivePruning", "Pruning")
+
+
+def __getattr__(name: str) -> Any:
+    # The Lightning callbacks are loaded on first use, so that the engine alone never imports Lightning.
+    if name in _CALLBACKS:
+        from lightning_prune import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_CALLBACKS])

@@ -1,101 +1,201 @@
 """How weights are scored; the lowest scores are pruned.
 
-A criterion declares whether it needs gradients and whether it keeps a running score between pruning
-events; the callback calls :meth:`Criterion.update` on every optimizer step inside the scoring window (only
-for criteria that accumulate) and :meth:`Criterion.scores` at pruning events. Scores are float32 whatever
-the weights' dtype, and never NaN: a step whose gradients are not finite (a skipped AMP step) leaves running
-scores unchanged. The callers own what :meth:`Criterion.scores` returns and write ``-inf`` over pruned
-entries in place; for accumulating criteria that is the running state itself, and pruned entries stay
-``-inf`` there (they never come back, so their scores no longer matter).
+A criterion is a small class that declares what it is and overrides one or two methods:
+
+- ``needs_grad``: scores use gradients, so events must happen where gradients exist.
+- ``states``: its running statistics, by name (:class:`StateSpec`: shape, dtype, how it is reduced across
+  ranks). The engine allocates them per target for the scoring window, checkpoints them, reduces them
+  across processes at events and frees them after the last event, so a criterion writes no bookkeeping or
+  distributed code of its own. A criterion with states is updated on every optimizer step of the window.
+- ``per_unit``: :meth:`Criterion.update` is linear in a per-weight term, so the engine may keep its
+  ``"weight"``-shaped states per unit of the pattern instead (a quarter of the memory at 4x1): the mean of a
+  running sum is the running sum of the means.
+- ``elementwise``: :meth:`Criterion.update` treats every entry on its own, so the engine may pass row slices.
+- :meth:`Criterion.setup` / :meth:`Criterion.teardown`: called with the targets (their modules and states)
+  when pruning starts and after the last event, e.g. to register forward hooks that read layer inputs.
+
+Scores are float32 whatever the weights' dtype and always finite where the weight is: NaN or infinite
+gradients never reach them (a step whose gradients are not finite leaves running states unchanged). The
+engine owns what :meth:`Criterion.score` returns and writes ``-inf`` over pruned entries in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Criterion", "Gradient", "Magnitude", "Snip", "SnipMomentum", "parse_criterion"]
+__all__ = [
+    "CRITERIA",
+    "Criterion",
+    "Gradient",
+    "Magnitude",
+    "Snip",
+    "SnipMomentum",
+    "StateSpec",
+    "TargetView",
+    "parse_criterion",
+]
 
 CRITERIA = ("magnitude", "gradient", "snip", "snip_momentum")
+STATE_SHAPES = ("weight", "inputs")
+STATE_REDUCTIONS = (None, "sum", "mean", "max")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One running statistic of a criterion, per target.
+
+    Args:
+        shape: ``"weight"``: shaped like the weight (per unit where the engine keeps it so, see
+            ``Criterion.per_unit``); ``"inputs"``: one entry per input column (``weight.shape[1]``).
+        reduce: how processes combine it before scoring: ``None`` (already equal on every rank, e.g. computed
+            from all-reduced gradients), ``"sum"``, ``"mean"`` or ``"max"``.
+        dtype: its dtype.
+
+    Example:
+        >>> StateSpec("inputs", reduce="sum")
+        StateSpec(shape='inputs', reduce='sum', dtype=torch.float32)
+    """
+
+    shape: str = "weight"
+    reduce: str | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.shape not in STATE_SHAPES:
+            raise ValueError(f"StateSpec shape {self.shape!r} is not valid; choose one of {STATE_SHAPES}")
+        if self.reduce not in STATE_REDUCTIONS:
+            raise ValueError(f"StateSpec reduce {self.reduce!r} is not valid; choose one of {STATE_REDUCTIONS}")
+
+    def full_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
+        """The state's shape for a weight of ``weight_shape`` (before any per-unit reduction)."""
+        if self.shape == "inputs":
+            return (int(weight_shape[1]) if len(weight_shape) > 1 else 1,)
+        return tuple(int(d) for d in weight_shape)
+
+
+class TargetView(Protocol):
+    """What :meth:`Criterion.setup` sees of one target (the engine's ``Target``)."""
+
+    fqn: str
+    module: nn.Module
+    state: dict[str, Tensor]
+
+    @property
+    def collecting(self) -> bool:
+        """True inside the scoring window: statistics gathered now count."""
+        ...
+
+
+class Criterion:
+    """Base class for scoring rules; see the module docstring for what a subclass declares.
+
+    Example (a rule that keeps the largest mean |W| seen during the window, in a few lines):
+        >>> class PeakMagnitude(Criterion):
+        ...     states = {"peak": StateSpec()}
+        ...     def update(self, state, weight, grad, reduce=None):
+        ...         torch.maximum(state["peak"], weight.detach().float().abs(), out=state["peak"])
+        ...     def score(self, state, weight, grad):
+        ...         return state["peak"]
+        >>> c, state = PeakMagnitude(), {"peak": torch.zeros(2)}
+        >>> c.update(state, torch.tensor([1.0, -3.0]), None)
+        >>> c.score(state, torch.zeros(2), None)
+        tensor([1., 3.])
+    """
+
+    needs_grad: ClassVar[bool] = False
+    per_unit: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+    states: ClassVar[Mapping[str, StateSpec]] = {}
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether this criterion keeps running states through the scoring window."""
+        return bool(self.states)
+
+    def setup(self, targets: Sequence[TargetView]) -> None:
+        """Called once the targets are known, before the first step (e.g. to register forward hooks)."""
+
+    def teardown(self) -> None:
+        """Called after the last event and when pruning stops: remove hooks, drop scratch memory."""
+
+    def update(
+        self,
+        state: dict[str, Tensor],
+        weight: Tensor,
+        grad: Tensor | None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Fold one optimizer step into ``state`` (criteria with states, on every step of the window).
+
+        With ``reduce`` (a linear map such as a block mean; only for ``per_unit`` criteria), each step's
+        per-weight term is reduced before it is folded in, and ``"weight"``-shaped states hold reduced values.
+        """
+
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
+        """Scores for one target at a pruning event: float32, finite, shaped like the weight.
+
+        Shaped like the weight's units instead where the states are kept per unit; the engine may modify the
+        result in place.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """What defines this criterion (its name and coefficients), as stored in checkpoints."""
+        settings = {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
+        return {"name": repr(self), "class": f"{type(self).__module__}.{type(self).__qualname__}", **settings}
+
+    def __repr__(self) -> str:
+        return type(self).__name__.lower()
+
+
+def _plain(value: object) -> object:
+    """``value`` if checkpoints can hold it under ``weights_only=True`` loading, else its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return repr(value)
 
 
 def _grad_or_zeros(weight: Tensor, grad: Tensor | None) -> Tensor:
     return torch.zeros_like(weight) if grad is None else grad
 
 
-class Criterion:
-    """Base class for scoring rules.
-
-    Attributes:
-        needs_grad: scores use gradients, so events must happen where gradients exist.
-        accumulates: a running score is updated on every step of the scoring window.
-        elementwise: :meth:`update` treats every entry on its own, so the caller may pass row slices of the
-            weights, gradients and scores instead of whole tensors.
-    """
-
-    needs_grad: bool = False
-    accumulates: bool = False
-    elementwise: bool = False
-
-    def update(
-        self,
-        state: list[Tensor],
-        weights: Sequence[Tensor],
-        grads: Sequence[Tensor | None],
-        reduce: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        """Fold one step into the running scores ``state`` (accumulating criteria only).
-
-        With ``reduce`` (a linear map such as a block mean), each step's element scores are reduced before
-        they are folded in, and ``state`` holds reduced scores: the same result as reducing the running
-        element scores at an event, without keeping them.
-        """
-
-    def scores(
-        self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
-    ) -> list[Tensor]:
-        """Scores for each weight at a pruning event, float32, shaped like the weight; the caller may modify them."""
-        raise NotImplementedError
-
-    def release(self) -> None:
-        """Drop scratch memory kept between steps; called once no pruning event is left."""
-
-    def __repr__(self) -> str:
-        return type(self).__name__.lower()
-
-
 class Magnitude(Criterion):
     """Score = |W|.
 
     Example:
-        >>> Magnitude().scores(None, [torch.tensor([-2.0, 1.0])], [None])
-        [tensor([2., 1.])]
+        >>> Magnitude().score({}, torch.tensor([-2.0, 1.0]), None)
+        tensor([2., 1.])
     """
 
-    def scores(
-        self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
-    ) -> list[Tensor]:
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
         """Absolute weights."""
-        return [w.detach().float().abs() for w in weights]
+        return weight.detach().float().abs().nan_to_num_(0.0, 0.0, 0.0)
+
+    def __repr__(self) -> str:
+        return "magnitude"
 
 
 class Gradient(Criterion):
-    """Score = |G|, the gradient of the pruning event's step.
+    """Score = |G|, the gradient of the pruning event's step; a weight without a gradient scores 0.
 
     Example:
-        >>> Gradient().scores(None, [torch.ones(2)], [torch.tensor([0.5, -3.0])])
-        [tensor([0.5000, 3.0000])]
+        >>> Gradient().score({}, torch.ones(2), torch.tensor([0.5, -3.0]))
+        tensor([0.5000, 3.0000])
     """
 
     needs_grad = True
 
-    def scores(
-        self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
-    ) -> list[Tensor]:
-        """Absolute gradients; a weight without a gradient scores 0."""
-        return [_grad_or_zeros(w, g).detach().float().abs().nan_to_num_(0.0, 0.0, 0.0) for w, g in zip(weights, grads)]
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
+        """Absolute gradients."""
+        return _grad_or_zeros(weight, grad).detach().float().abs().nan_to_num_(0.0, 0.0, 0.0)
 
     def __repr__(self) -> str:
         return "gradient"
@@ -108,20 +208,16 @@ class Snip(Criterion):
     arXiv:1810.02340. With ``OneShot(step=0)`` this is SNIP at initialization.
 
     Example:
-        >>> Snip().scores(None, [torch.tensor([2.0, -1.0])], [torch.tensor([0.5, 4.0])])
-        [tensor([1., 4.])]
+        >>> Snip().score({}, torch.tensor([2.0, -1.0]), torch.tensor([0.5, 4.0]))
+        tensor([1., 4.])
     """
 
     needs_grad = True
 
-    def scores(
-        self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
-    ) -> list[Tensor]:
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
         """Absolute weight-gradient products."""
-        return [
-            (w.detach().float() * _grad_or_zeros(w, g).detach().float()).abs_().nan_to_num_(0.0, 0.0, 0.0)
-            for w, g in zip(weights, grads)
-        ]
+        product = weight.detach().float() * _grad_or_zeros(weight, grad).detach().float()
+        return product.abs_().nan_to_num_(0.0, 0.0, 0.0)
 
     def __repr__(self) -> str:
         return "snip"
@@ -138,16 +234,16 @@ class SnipMomentum(Criterion):
         scale: coefficient of the new |W·G| term.
 
     Example:
-        >>> c = SnipMomentum()
-        >>> state = [torch.zeros(2)]
-        >>> c.update(state, [torch.tensor([1.0, 2.0])], [torch.tensor([1.0, 1.0])])
-        >>> state[0]
+        >>> c, state = SnipMomentum(), {"score": torch.zeros(2)}
+        >>> c.update(state, torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+        >>> state["score"]
         tensor([0.9000, 1.8000])
     """
 
     needs_grad = True
-    accumulates = True
+    per_unit = True
     elementwise = True
+    states: ClassVar[Mapping[str, StateSpec]] = {"score": StateSpec("weight")}
 
     def __init__(self, momentum: float = 1.0, scale: float = 0.9) -> None:
         for name, value in (("momentum", momentum), ("scale", scale)):
@@ -157,58 +253,49 @@ class SnipMomentum(Criterion):
             raise ValueError("SnipMomentum scale must be > 0, got 0 (scores would never change)")
         self.momentum = float(momentum)
         self.scale = float(scale)
+        self._buffer: Tensor | None = None
 
     def update(
         self,
-        state: list[Tensor],
-        weights: Sequence[Tensor],
-        grads: Sequence[Tensor | None],
+        state: dict[str, Tensor],
+        weight: Tensor,
+        grad: Tensor | None,
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        """Score ← momentum·Score + scale·reduce(|W·G|); skipped if a gradient is not finite (when checking)."""
-        pairs = [(s, w.detach(), g.detach()) for s, w, g in zip(state, weights, grads) if g is not None]
-        if not pairs:
+        """Score ← momentum·Score + scale·reduce(|W·G|); a non-finite |W·G| leaves the score unchanged."""
+        if grad is None:
             return
+        w, g = weight.detach(), grad.detach()
         # One scratch buffer, reused for every tensor and step: allocating |W·G| afresh each step costs more
         # (page faults) than the arithmetic.
-        largest = max(w.numel() for _, w, _ in pairs)
         buffer = self._buffer
-        if buffer is None or buffer.numel() < largest or buffer.device != pairs[0][1].device:
-            buffer = self._buffer = torch.empty(largest, dtype=torch.float32, device=pairs[0][1].device)
-        if self._check_finite and not all(bool(torch.isfinite(g).all()) for _, _, g in pairs):
+        if buffer is None or buffer.numel() < w.numel() or buffer.device != w.device:
+            buffer = self._buffer = torch.empty(w.numel(), dtype=torch.float32, device=w.device)
+        product = buffer[: w.numel()].view(w.shape)
+        if w.dtype == torch.float32 and g.dtype == torch.float32:
+            torch.mul(w, g, out=product)
+        else:
+            product.copy_(w).mul_(g)
+        torch.abs(product, out=product)
+        term = product if reduce is None else reduce(product)
+        # |W·G| >= 0, so its max is finite exactly when every entry is (NaN propagates through amax).
+        if term.numel() and not math.isfinite(float(term.amax())):
             return
-        for score, w, g in pairs:
-            product = buffer[: w.numel()].view(w.shape)
-            if w.dtype == torch.float32 and g.dtype == torch.float32:
-                torch.mul(w, g, out=product)
-            else:
-                product.copy_(w).mul_(g)
-            torch.abs(product, out=product)
-            term = product if reduce is None else reduce(product)
-            if self.momentum == 0.0:  # not -inf * 0: pruned entries restart at 0 and are masked at the next event
-                torch.mul(term, self.scale, out=score)
-                continue
-            if self.momentum != 1.0:
-                score.mul_(self.momentum)
-            score.add_(term, alpha=self.scale)
+        score = state["score"]
+        if self.momentum == 0.0:  # not -inf * 0: pruned entries restart at 0 and are masked at the next event
+            torch.mul(term, self.scale, out=score)
+            return
+        if self.momentum != 1.0:
+            score.mul_(self.momentum)
+        score.add_(term, alpha=self.scale)
 
-    _buffer: Tensor | None = None
-
-    def release(self) -> None:
-        """Drop the |W·G| scratch buffer (as large as the largest target) once no event is left."""
+    def teardown(self) -> None:
+        """Drop the |W·G| scratch buffer (as large as the largest slice scored)."""
         self._buffer = None
 
-    # Finite checks cost a pass over the gradients; they are only needed in reduced precision. The callback
-    # switches them on for bf16; under fp16 it checks the gradients itself before calling update.
-    _check_finite: bool = False
-
-    def scores(
-        self, state: list[Tensor] | None, weights: Sequence[Tensor], grads: Sequence[Tensor | None]
-    ) -> list[Tensor]:
-        """The running scores themselves (no copy: 16 MB per 4M weights saved at every event)."""
-        if state is None:
-            raise RuntimeError("SnipMomentum.scores needs its running state")
-        return list(state)
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
+        """The running score itself (no copy: 16 MB per 4M weights saved at every event)."""
+        return state["score"]
 
     def __repr__(self) -> str:
         return "snip_momentum"

@@ -51,16 +51,25 @@ def from_matrix(m: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
 class Pattern(ABC):
     """Base class: a pattern reduces element scores to unit scores and expands unit decisions back.
 
-    Subclasses set ``max_sparsity`` when the pattern caps the reachable sparsity (``N:M`` reaches N/M), and
-    ``linear`` when units hold several weights and a unit's score is a fixed weighted mean of theirs (so
-    running scores can be kept per unit: the mean of a running sum is the running sum of the means).
-    ``unit_rows``: every unit lies within one aligned group of that many rows along dim 0, so row slices of a
-    weight that start at multiples of it hold whole units; None where a unit spans all rows (input channels).
+    A pattern declares what it is in a few attributes, so that no caller has to ask for its class:
+
+    - ``max_sparsity``: the most it can prune (``N:M`` reaches N/M).
+    - ``linear``: units hold several weights and a unit's score is a fixed weighted mean of theirs (so
+      running scores can be kept per unit: the mean of a running sum is the running sum of the means).
+    - ``unit_rows``: every unit lies within one aligned group of that many rows along dim 0, so row slices of
+      a weight that start at multiples of it hold whole units; None where a unit spans all rows.
+    - ``structured``: units hold more than one weight (False for unstructured).
+    - ``whole_units``: pruning a unit zeroes all of it (False for ``N:M``, which zeroes N of its M).
+    - ``output_units``: a unit is a whole output channel, so the bias and the norm entries that read it can
+      be kept at zero with it (``1xchannel``).
     """
 
     max_sparsity: float = 1.0
     linear: bool = False
     unit_rows: int | None = 1
+    structured: bool = True
+    whole_units: bool = True
+    output_units: bool = False
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Raise ``ValueError`` if this pattern cannot apply to a weight of ``shape``."""
@@ -107,6 +116,8 @@ class Unstructured(Pattern):
         >>> Unstructured().unit_sizes((3, 4))
         1
     """
+
+    structured = False
 
     def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
         """Any shape works."""
@@ -230,6 +241,7 @@ class Channel(Pattern):
         self.kind = kind
         self._dim = 1 if kind == "input" else 0
         self.unit_rows = None if kind == "input" else 1
+        self.output_units = kind == "output"
 
     def unit_scores(self, scores: Tensor) -> Tensor:
         """Mean score of each channel."""
@@ -274,6 +286,8 @@ class NM(Pattern):
         >>> NM(2, 4).max_sparsity
         0.5
     """
+
+    whole_units = False
 
     def __init__(self, n: int, m: int) -> None:
         for name, value in (("n", n), ("m", m)):

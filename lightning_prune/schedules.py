@@ -10,7 +10,7 @@ import math
 import warnings
 from collections.abc import Callable
 
-__all__ = ["DECAYS", "Iterative", "OneShot", "Schedule", "decay_curve"]
+__all__ = ["DECAYS", "Iterative", "OneShot", "Schedule", "decay_curve", "default_schedule"]
 
 
 def _exp(target: float, p: float) -> float:
@@ -190,3 +190,25 @@ class Iterative(Schedule):
             f"Iterative(start_step={self.start_step}, end_step={self.end_step}, "
             f"frequency={self.frequency}, decay={self.decay!r})"
         )
+
+
+def default_schedule(total_steps: int) -> Iterative:
+    """The schedule of ``schedule=None``: exp decay over the whole run.
+
+    Events every ``max(1, total_steps // 20)`` steps from step 0 to the run's last step (``total_steps - 1``).
+
+    Raises:
+        ValueError: ``total_steps`` is not a whole number of steps >= 1.
+
+    Example:
+        >>> default_schedule(100)
+        Iterative(start_step=0, end_step=99, frequency=5, decay='exp')
+    """
+    finite = isinstance(total_steps, (int, float)) and not isinstance(total_steps, bool) and math.isfinite(total_steps)
+    if not finite or total_steps < 1:
+        raise ValueError(
+            f"schedule=None prunes over the whole run, but its length is {total_steps!r} optimizer steps; give the "
+            "run a known length or pass schedule=Iterative(start_step, end_step, frequency)"
+        )
+    total = int(total_steps)
+    return Iterative(start_step=0, end_step=total - 1, frequency=max(1, total // 20))

@@ -2,7 +2,9 @@
 
 A target is the ``weight`` of a module whose type is one of ``op_types``; ``include`` and ``exclude`` are
 regular expressions that must match a module's whole name (``re.fullmatch``). Biases and normalisation
-layers are never targets, and nothing is excluded silently (there is no hidden "classifier head" rule).
+layers are never targets (asking for one is an error: a norm's weight scales whole channels, and 1-D
+weights have no structure to prune), and nothing is excluded silently (there is no hidden "classifier head"
+rule).
 """
 
 from __future__ import annotations
@@ -26,14 +28,34 @@ def _as_list(name: str, value: str | Sequence[str] | None) -> list[str]:
     return list(value)
 
 
-def _type_matches(module: nn.Module, op_types: Sequence[str]) -> bool:
+def _type_matches(module: nn.Module, op: str) -> bool:
+    cls = getattr(nn, op, None)
+    return (isinstance(cls, type) and isinstance(module, cls)) or type(module).__name__ == op
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Torch's normalisation layers, and any class named like one (e.g. transformers' ``LlamaRMSNorm``)."""
+    return isinstance(module, _NORMS) or type(module).__name__.lower().endswith("norm")
+
+
+def _check_op_types(model: nn.Module, op_types: Sequence[str]) -> None:
+    """Raise for an op type that is a miscased class name, or whose modules hold no ``weight`` parameter."""
+    classes = {type(m).__name__ for m in model.modules()} | {n for n in dir(nn) if isinstance(getattr(nn, n), type)}
     for op in op_types:
-        cls = getattr(nn, op, None)
-        if isinstance(cls, type) and isinstance(module, cls):
-            return True
-        if type(module).__name__ == op:
-            return True
-    return False
+        matched = [(name, m) for name, m in model.named_modules() if _type_matches(m, op)]
+        if not matched and op not in classes:
+            close = sorted(c for c in classes if c.lower() == op.lower())
+            if close:
+                raise ValueError(f"op_types {op!r} names no module class; class names are case-sensitive: {close[0]!r}")
+        if matched and not any(isinstance(getattr(m, "weight", None), nn.Parameter) for _, m in matched):
+            raise ValueError(
+                f"op_types {op!r} matches modules without a `weight` parameter (e.g. {matched[0][0]!r}); op_types "
+                "names the layer classes that hold the weights to prune, such as 'Linear' or 'Conv2d' (use "
+                "include=... to pick layers inside a block)"
+            )
 
 
 def parse_op_types(op_types: str | Sequence[str], owner: str = "") -> tuple[str, ...]:
@@ -76,8 +98,9 @@ def resolve_targets(
 
     Raises:
         ValueError: ``include``/``exclude`` matching no candidate module (the message lists them), no target
-            at all, a target in a lazy module not initialised yet, or a target shared with another module
-            (tied weights). Targets with no elements are skipped with a warning.
+            at all, an op type in the wrong case or naming modules without a weight, a norm layer or 1-D weight,
+            a target in a lazy module not initialised yet, or a target shared with another module (tied
+            weights). Targets with no elements are skipped with a warning.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -86,10 +109,12 @@ def resolve_targets(
     """
     includes = compile_patterns("include", include)
     excludes = compile_patterns("exclude", exclude)
+    _check_op_types(model, op_types)
     candidates = {
         name: module
         for name, module in model.named_modules()
-        if _type_matches(module, op_types) and isinstance(getattr(module, "weight", None), nn.Parameter)
+        if any(_type_matches(module, op) for op in op_types)
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
     }
     available = ", ".join(candidates) or "(none)"
     for label, regexes in (("include", includes), ("exclude", excludes)):
@@ -129,13 +154,23 @@ def resolve_targets(
                 f"'{fqn}' is shared with {tied} (tied weights): pruning it would also prune them; untie the "
                 f"weights or exclude {name!r}"
             )
+        if _is_norm(module) or weight.dim() < 2:
+            kind = "a normalisation layer" if _is_norm(module) else f"a {weight.dim()}-D weight"
+            raise ValueError(
+                f"'{fqn}' is the weight of {type(module).__name__}, {kind}: norm layers and 1-D weights are never "
+                f"pruned (their entries scale whole channels); remove {type(module).__name__!r} from op_types or "
+                f"exclude {name!r}"
+            )
         if weight.numel() == 0:
             warnings.warn(f"'{fqn}' has shape {tuple(weight.shape)}: no elements to prune, skipped", stacklevel=2)
             continue
         targets[fqn] = weight
     if not targets:
+        weighted = sorted(
+            {type(m).__name__ for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+        )
         raise ValueError(
             f"no parameter to prune: op_types={list(op_types)}, include={include!r}, exclude={exclude!r}; "
-            f"modules of those types: {available}"
+            f"modules of those types: {available}; classes in the model that hold a weight: {weighted or '(none)'}"
         )
     return targets

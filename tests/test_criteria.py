@@ -6,45 +6,55 @@ from lightning_prune.criteria import Gradient, Magnitude, Snip, SnipMomentum, pa
 
 def test_formulas():
     w, g = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, -4.0]])
-    assert torch.equal(Magnitude().scores(None, [w], [g])[0], w.abs())
-    assert torch.equal(Gradient().scores(None, [w], [g])[0], g.abs())
-    assert torch.equal(Snip().scores(None, [w], [g])[0], (w * g).abs())
+    assert torch.equal(Magnitude().score({}, w, g), w.abs())
+    assert torch.equal(Gradient().score({}, w, g), g.abs())
+    assert torch.equal(Snip().score({}, w, g), (w * g).abs())
 
 
 def test_snip_momentum_follows_spec_by_default():
     c = SnipMomentum()
     assert (c.momentum, c.scale) == (1.0, 0.9)
     w, g = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])
-    state = [torch.tensor([1.0, 1.0])]
-    c.update(state, [w], [g])
-    assert torch.allclose(state[0], 1.0 * torch.tensor([1.0, 1.0]) + 0.9 * (w * g).abs())
+    state = {"score": torch.tensor([1.0, 1.0])}
+    c.update(state, w, g)
+    assert torch.allclose(state["score"], 1.0 * torch.tensor([1.0, 1.0]) + 0.9 * (w * g).abs())
 
 
 def test_snip_momentum_inc_coefficients():
     c = SnipMomentum(momentum=0.9, scale=1.0)
-    state = [torch.tensor([2.0])]
-    c.update(state, [torch.tensor([1.0])], [torch.tensor([3.0])])
-    assert torch.allclose(state[0], torch.tensor([0.9 * 2.0 + 3.0]))
+    state = {"score": torch.tensor([2.0])}
+    c.update(state, torch.tensor([1.0]), torch.tensor([3.0]))
+    assert torch.allclose(state["score"], torch.tensor([0.9 * 2.0 + 3.0]))
 
 
-def test_snip_momentum_skips_non_finite_steps_when_checking():
+def test_snip_momentum_skips_non_finite_steps():
     c = SnipMomentum()
-    c._check_finite = True
-    state = [torch.tensor([1.0, 1.0])]
-    c.update(state, [torch.tensor([1.0, 1.0])], [torch.tensor([float("inf"), 1.0])])
-    assert torch.equal(state[0], torch.tensor([1.0, 1.0]))
+    state = {"score": torch.tensor([1.0, 1.0])}
+    c.update(state, torch.tensor([1.0, 1.0]), torch.tensor([float("inf"), 1.0]))
+    assert torch.equal(state["score"], torch.tensor([1.0, 1.0]))
+
+
+def test_snip_momentum_scratch_buffer_is_released_by_teardown():
+    c = SnipMomentum()
+    c.update({"score": torch.zeros(3)}, torch.ones(3), torch.ones(3))
+    assert c._buffer is not None
+    c.teardown()
+    assert c._buffer is None
 
 
 def test_scores_are_float32_for_bf16_weights():
     w = torch.randn(4, 4, dtype=torch.bfloat16)
-    assert Magnitude().scores(None, [w], [None])[0].dtype == torch.float32
-    state = [torch.zeros(4, 4)]
-    SnipMomentum().update(state, [w], [w])
-    assert state[0].dtype == torch.float32 and state[0].sum() > 0
+    assert Magnitude().score({}, w, None).dtype == torch.float32
+    state = {"score": torch.zeros(4, 4)}
+    SnipMomentum().update(state, w, w)
+    assert state["score"].dtype == torch.float32 and state["score"].sum() > 0
 
 
 def test_missing_gradient_scores_zero():
-    assert Snip().scores(None, [torch.ones(3)], [None])[0].sum() == 0
+    assert Snip().score({}, torch.ones(3), None).sum() == 0
+    state = {"score": torch.ones(3)}
+    SnipMomentum().update(state, torch.ones(3), None)
+    assert torch.equal(state["score"], torch.ones(3))
 
 
 @pytest.mark.parametrize("name", ["magnitude", "gradient", "snip", "snip_momentum"])

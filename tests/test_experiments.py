@@ -113,7 +113,7 @@ def test_nlp_experiment_prunes_the_encoder_linears_only(tmp_path):
 
     tiny_config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     net = MiniLM(pretrained=False, config=tiny_config)
-    names = set(pruner._resolve_now(Classifier(net, num_classes=5)))
+    names = set(pruner.engine.check(Classifier(net, num_classes=5)))
     assert names and all(n.startswith("net.bert.encoder.layer.") for n in names)
     assert len(names) == 2 * 6, "q, k, v, attention output, intermediate, output in each of 2 layers"
 

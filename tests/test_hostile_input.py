@@ -93,17 +93,40 @@ def test_zero_size_weight_is_skipped_with_a_warning():
     assert "empty.weight" not in cb.masks and cb.sparsity() == pytest.approx(0.5, abs=0.01)
 
 
-def test_one_dimensional_weight_needs_an_elementwise_pattern():
-    net = nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+class LlamaRMSNorm(nn.Module):
+    """Named like transformers' norm: a 1-D scale that is no torch norm class."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+class Scale(LlamaRMSNorm):
+    """A 1-D weight in a class not named like a norm."""
+
+
+@pytest.mark.parametrize("pattern", ["4x1", "unstructured"])
+@pytest.mark.parametrize(
+    ("layer", "kind"),
+    [
+        (nn.LayerNorm(8), "a normalisation layer"),
+        (LlamaRMSNorm(8), "a normalisation layer"),
+        (Scale(8), "a 1-D weight"),
+    ],
+    ids=["LayerNorm", "LlamaRMSNorm", "1-D"],
+)
+def test_norm_layers_and_one_dimensional_weights_are_never_pruned(pattern, layer, kind):
+    net = nn.Sequential(nn.Linear(12, 8), layer, nn.Linear(8, 3))
+    op = type(layer).__name__
     fit_raises(
         TinyModule(net, (12,)),
-        Pruning(0.5, "4x1", "magnitude", schedule=OneShot(0), op_types=["Linear", "LayerNorm"]),
-        r"needs a weight with at least 2 dimensions; 'net.1.weight' has shape \(8,\)",
+        Pruning(0.5, pattern, "magnitude", schedule=OneShot(0), op_types=["Linear", op]),
+        rf"'net.1.weight' is the weight of {op}, {kind}: norm layers and 1-D weights are never pruned .* remove "
+        rf"'{op}' from op_types or exclude 'net.1'",
     )
-    module = TinyModule(copy.deepcopy(net), (12,))
-    cb = Pruning(0.5, "unstructured", "magnitude", schedule=OneShot(0), op_types=["Linear", "LayerNorm"])
-    make_trainer([cb], max_steps=2).fit(module, make_loader(module))
-    assert "net.1.weight" in cb.masks and all_zero_where_pruned(module, cb)
 
 
 def test_target_zero_warns_and_prunes_nothing():
@@ -157,7 +180,7 @@ def test_two_callbacks_claiming_one_weight_are_refused():
     first = Pruning(0.5, "unstructured", "magnitude", schedule=OneShot(0))
     second = PatternLock(include=r"net\.2")
     before = copy.deepcopy(module.state_dict())
-    with pytest.raises(ValueError, match=r"PatternLock and Pruning both claim \['net.2.weight'\]"):
+    with pytest.raises(ValueError, match=r"Pruning and PatternLock both claim \['net.2.weight'\]"):
         make_trainer([first, second]).fit(module, make_loader(module))
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
@@ -172,7 +195,7 @@ def test_two_callbacks_with_disjoint_targets_work():
 
 
 class Rebuilt(TinyModule):
-    """Replaces a layer in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
+    """Replaces layers in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
 
     def __init__(self, width: int) -> None:
         super().__init__(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)), (12,))
@@ -183,11 +206,10 @@ class Rebuilt(TinyModule):
         self.net[2] = nn.Linear(self.width, 3)
 
 
-def test_module_replaced_with_another_shape_after_setup_warns_and_prunes_the_new_one():
+def test_module_replaced_with_another_shape_in_configure_model_prunes_the_new_one():
     module = Rebuilt(width=20)
     cb = Pruning(0.5, "unstructured", "magnitude", schedule=OneShot(0))
-    with pytest.warns(UserWarning, match="changed between setup and the start of training"):
-        make_trainer([cb], max_steps=2).fit(module, make_loader(module))
+    make_trainer([cb], max_steps=2).fit(module, make_loader(module))
     assert cb.masks["net.0.weight"].shape == (20, 12) and all_zero_where_pruned(module, cb)
 
 
@@ -195,7 +217,7 @@ def test_module_replaced_with_the_same_shape_after_setup_prunes_the_new_paramete
     module = Rebuilt(width=16)
     cb = Pruning(0.5, "unstructured", "magnitude", schedule=OneShot(0))
     make_trainer([cb], max_steps=2).fit(module, make_loader(module))
-    assert cb._targets["net.0.weight"] is module.net[0].weight
+    assert cb.pruner.targets["net.0.weight"] is module.net[0].weight
     assert all_zero_where_pruned(module, cb) and cb.sparsity() == pytest.approx(0.5, abs=0.01)
 
 

@@ -24,8 +24,8 @@ class Spy(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step
         self.masks[step] = {k: v.clone() for k, v in self.cb.masks.items()}
-        if self.cb._scores is not None:
-            self.scores[step] = [s.clone() for s in self.cb._scores]
+        if self.cb.pruner.states:
+            self.scores[step] = [s["score"].clone() for s in self.cb.pruner.states.values()]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed"])
@@ -64,7 +64,8 @@ def test_a_skipped_fp16_step_leaves_scores_and_masks_untouched():
         if poisoned:
             module.net[0].weight.grad[0, 0] = float("inf")
         cb.on_before_optimizer_step(trainer, module, opt)
-        history[step] = ({k: v.clone() for k, v in cb.masks.items()}, [s.clone() for s in cb._scores or []])
+        scores = [s["score"].clone() for s in cb.pruner.states.values()]
+        history[step] = ({k: v.clone() for k, v in cb.masks.items()}, scores)
         if not poisoned:
             opt.step()
         cb.on_train_batch_end(trainer, module, None, None, 0)

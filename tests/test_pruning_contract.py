@@ -146,15 +146,15 @@ def test_no_scoring_outside_window():
     cb = Pruning(0.5, pattern="unstructured", criterion="snip_momentum", schedule=Iterative(5, 9, 2))
     original = cb.criterion.update
 
-    def spy(state, weights, grads):
-        calls.append(len(calls))
-        original(state, weights, grads)
+    def spy(state, weight, grad, reduce=None):
+        calls.append(weight.shape)
+        original(state, weight, grad, reduce)
 
     cb.criterion.update = spy  # type: ignore[method-assign]
     module = make_module()
     make_trainer([cb], max_steps=20).fit(module, make_loader(module))
-    assert len(calls) == 5, "scores only on steps 5..9"
-    assert cb._scores is None, "running scores freed after the last event"
+    assert len(calls) == 5 * 3, "scores only on steps 5..9 (three targets)"
+    assert not cb.pruner.states, "running scores freed after the last event"
     assert cb.criterion._buffer is None, "the |W·G| scratch buffer freed after the last event"
 
 
@@ -180,7 +180,7 @@ def test_default_schedule_spans_training():
     module = make_module()
     cb = Pruning(0.6, pattern="unstructured", criterion="magnitude")
     make_trainer([cb], max_steps=-1, max_epochs=2).fit(module, make_loader(module))  # 16 steps
-    assert cb._resolved is not None and cb._resolved.end == 15
+    assert cb.pruner.resolved_schedule is not None and cb.pruner.resolved_schedule.end == 15
     assert cb.sparsity() == pytest.approx(0.6, abs=1 / 382)
 
 
@@ -224,10 +224,9 @@ def test_pruned_units_rank_below_live_zeros(pattern):
 
 
 class PerWeightSnipMomentum(SnipMomentum):
-    """SnipMomentum whose update takes no ``reduce``: the callback keeps its running scores per weight."""
+    """SnipMomentum that does not declare ``per_unit``: the engine keeps its running scores per weight."""
 
-    def update(self, state, weights, grads):  # type: ignore[override]
-        super().update(state, weights, grads)
+    per_unit = False
 
 
 @pytest.mark.parametrize(("kind", "pattern"), [("mlp", "4x1"), ("cnn", "4x1"), ("cnn", "2x3"), ("cnn", "channelx1")])
@@ -238,8 +237,10 @@ def test_running_scores_per_unit_prune_as_per_weight_scores(kind, pattern):
     for cb in (per_unit, per_weight):
         module = make_module(kind, "adamw")
         make_trainer([cb], max_steps=12).fit(module, make_loader(module))  # stops inside the window
-    assert per_unit._scores is not None and per_weight._scores is not None
-    for unit_scores, weight_scores, mask in zip(per_unit._scores, per_weight._scores, per_unit.masks.values()):
+    unit_states, weight_states = per_unit.pruner.states, per_weight.pruner.states
+    assert unit_states and weight_states
+    for name, mask in per_unit.masks.items():
+        unit_scores, weight_scores = unit_states[name]["score"], weight_states[name]["score"]
         assert unit_scores.numel() < weight_scores.numel() == mask.numel(), "kept per unit, not per weight"
         reduced = per_unit.pattern.unit_scores(weight_scores)
         live = reduced > -math.inf
@@ -254,14 +255,15 @@ def test_element_scores_in_a_checkpoint_are_reduced_to_units():
     old = Pruning(0.6, pattern="4x1", criterion=PerWeightSnipMomentum(), schedule=schedule)
     module = make_module("mlp", "adamw")
     make_trainer([old], max_steps=8).fit(module, make_loader(module))
-    state = old.state_dict()  # element-shaped scores, as checkpoints written before per-unit scores
+    state = old.state_dict()
+    # element-shaped scores under the key of checkpoints written before per-unit scores and named states
+    state["scores"] = {fqn: s["score"] for fqn, s in state.pop("states").items()}
+    state["config"]["criterion"] = Pruning(0.6, criterion="snip_momentum").criterion.config()
     new = Pruning(0.6, pattern="4x1", criterion="snip_momentum", schedule=schedule)
     new.load_state_dict(state)
     make_trainer([new], max_steps=8).fit(make_module("mlp", "adamw"), make_loader(module))
     for fqn, saved in state["scores"].items():
-        index = list(new.masks).index(fqn)
-        assert new._scores is not None
-        assert new._scores[index].shape == new.pattern.unit_scores(saved).shape
+        assert new.pruner.states[fqn]["score"].shape == new.pattern.unit_scores(saved).shape
 
     broken = dict(state, scores={fqn: s.flatten()[:5] for fqn, s in state["scores"].items()})
     refused = Pruning(0.6, pattern="4x1", criterion="snip_momentum", schedule=schedule)

@@ -7,7 +7,8 @@ import torch
 from conftest import make_loader, make_module, make_trainer
 
 from lightning_prune import Pruning
-from lightning_prune.callbacks import masked, pruning
+from lightning_prune.engine import masks as masked
+from lightning_prune.engine import scores
 from lightning_prune.patterns import parse_pattern
 from lightning_prune.schedules import Iterative
 
@@ -23,10 +24,11 @@ def fit(pattern: str, kind: str, max_steps: int = 12) -> Pruning:
 @pytest.mark.parametrize(("kind", "pattern"), [("mlp", "4x1"), ("cnn", "2x3"), ("cnn", "unstructured"), ("mlp", "2:4")])
 def test_scoring_in_row_slices_matches_whole_tensors(monkeypatch, kind, pattern):
     whole = fit(pattern, kind)
-    monkeypatch.setattr(pruning, "_SLICE_ELEMENTS", 10)  # every weight split into many row slices
+    monkeypatch.setattr(scores, "_SLICE_ELEMENTS", 10)  # every weight split into many row slices
     sliced = fit(pattern, kind)
-    assert whole._scores is not None and sliced._scores is not None
-    for a, b in zip(whole._scores, sliced._scores):
+    assert whole.pruner.states and sliced.pruner.states
+    for name, state in whole.pruner.states.items():
+        a, b = state["score"], sliced.pruner.states[name]["score"]
         assert torch.equal(a == -torch.inf, b == -torch.inf)
         torch.testing.assert_close(a[a > -torch.inf], b[b > -torch.inf], rtol=1e-6, atol=0.0)
     for name, mask in whole.masks.items():
@@ -35,11 +37,11 @@ def test_scoring_in_row_slices_matches_whole_tensors(monkeypatch, kind, pattern)
 
 def test_whole_unit_masks_get_per_unit_multipliers():
     cb = fit("4x1", "mlp", max_steps=20)
-    module_params = dict(cb._targets)
-    views = dict(zip(cb.masks, cb._unit_views))
+    module_params = dict(cb.pruner.targets)
+    views = dict(zip(cb.masks, cb.pruner._unit_views))
     # Linear(12, 16) tiles into 4x1 blocks; Linear(16, 10) and Linear(10, 3) have partial blocks.
     assert [views[n] is not None for n in cb.masks] == [True, False, False]
-    for (name, mask), mult, view in zip(cb.masks.items(), cb._multipliers, cb._unit_views):
+    for (name, mask), mult, view in zip(cb.masks.items(), cb.pruner._multipliers, cb.pruner._unit_views):
         weight = module_params[name]
         assert (weight[~mask] == 0).all(), name
         if view is not None:
@@ -54,12 +56,12 @@ def test_partly_pruned_units_fall_back_to_per_weight_multipliers():
     param = torch.randn(8, 3)
     mask = torch.ones(8, 3, dtype=torch.bool)
     mask[:4, 1] = False
-    view, mult = masked._unit_multiplier(pattern, param, mask)
+    view, mult = masked.unit_multiplier(pattern, param, mask)
     assert view == (2, 4, 3) and mult is not None and mult.shape == (2, 1, 3)
     mask[5, 2] = False  # a block cut partially, as progressive pruning does between events
-    assert masked._unit_multiplier(pattern, param, mask) == (None, None)
+    assert masked.unit_multiplier(pattern, param, mask) == (None, None)
     channels_last = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
-    assert masked._unit_multiplier(pattern, channels_last, torch.ones(8, 4, 3, 3, dtype=torch.bool)) == (None, None)
+    assert masked.unit_multiplier(pattern, channels_last, torch.ones(8, 4, 3, 3, dtype=torch.bool)) == (None, None)
 
 
 def test_multiply_broadcasts_over_contiguous_and_strided_tensors():
@@ -71,7 +73,7 @@ def test_multiply_broadcasts_over_contiguous_and_strided_tensors():
     per_weight = torch.randn(8, 6)
     per_weight_mult = (torch.rand(8, 6) > 0.5).float()
     before = [t.clone() for t in (plain, strided, per_weight)]
-    masked._multiply([plain, strided, per_weight], [mult, mult, per_weight_mult], [view, view, None])
+    masked.multiply([plain, strided, per_weight], [mult, mult, per_weight_mult], [view, view, None])
     assert torch.equal(plain, before[0] * expected_factor)
     assert torch.equal(strided, before[1] * expected_factor)
     assert torch.equal(per_weight, before[2] * per_weight_mult)

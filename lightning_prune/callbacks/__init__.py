@@ -1,8 +1,9 @@
-"""Lightning callbacks: all coupling to the Trainer and all state live here."""
+"""Lightning callbacks: thin adapters that drive the engines of :mod:`lightning_prune.engine` from a Trainer."""
 
+from lightning_prune.callbacks.group_lasso import GroupLasso
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.callbacks.pattern_lock import PatternLock
 from lightning_prune.callbacks.progressive import ProgressivePruning
 from lightning_prune.callbacks.pruning import Pruning
 
-__all__ = ["MaskedWeights", "PatternLock", "ProgressivePruning", "Pruning"]
+__all__ = ["GroupLasso", "MaskedWeights", "PatternLock", "ProgressivePruning", "Pruning"]

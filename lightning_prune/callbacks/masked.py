@@ -1,49 +1,34 @@
-"""What every callback that holds masks shares: choosing the weights, keeping pruned ones at exactly zero.
+"""What every mask-holding callback shares: Lightning's hooks around an engine, checkpoint plumbing, logging.
 
-`MaskedWeights` resolves its targets (``op_types``/``include``/``exclude``), holds one bool mask per target
-(True = kept), zeroes the gradients of pruned weights before every optimizer step and makes sure the step
-leaves them at zero. Subclasses decide where masks come from: a pruning schedule (`Pruning`) or the zeros
-already in the weights (`PatternLock`).
+The algorithm lives in :mod:`lightning_prune.engine`; a callback only binds its engine to the LightningModule
+at the start of training, calls it around each optimizer step, logs its events and carries its state through
+checkpoints (and, under ``ddp_spawn``, back to the launching process).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.patterns import Pattern
-from lightning_prune.report import SparsityRow, sparsity_report
-from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
+from lightning_prune.engine import MaskKeeper
+from lightning_prune.report import SparsityRow, format_report
 
-__all__ = ["MaskedWeights"]
+__all__ = ["FromEngine", "MaskedWeights"]
 
-# Optimizers (exact classes) whose update of an entry is exactly zero when the entry's weight, gradient and
-# first-moment state are zero (weight decay and second moments then move nothing). With these, pruned
-# weights stay zero if their first moments are zeroed once per mask change and their gradients at every
-# step, so no pass over the weights is needed after each step. Values: the first-moment state names.
-_ZERO_KEEPING: dict[type[torch.optim.Optimizer], tuple[str, ...]] = {
-    torch.optim.SGD: ("momentum_buffer",),
-    torch.optim.Adam: ("exp_avg",),
-    torch.optim.AdamW: ("exp_avg",),
-    torch.optim.NAdam: ("exp_avg",),
-    torch.optim.RAdam: ("exp_avg",),
-    torch.optim.Adamax: ("exp_avg",),
-    torch.optim.RMSprop: ("momentum_buffer",),
-    torch.optim.Adagrad: (),
-    torch.optim.Adadelta: (),
-}
-
-
-# Strategies that shard parameters: a rank holds a flat slice of each weight, so masks shaped like whole
-# weights have nothing to multiply (README, "Distributed training").
+# Strategies that shard parameters: a rank holds a slice of each weight, so masks shaped like whole weights
+# have nothing to multiply (README, "Distributed training").
 _SHARDING = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
@@ -60,156 +45,157 @@ def _check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
-def _unit_multiplier(
-    pattern: Pattern | None, param: Tensor, mask: Tensor
-) -> tuple[tuple[int, ...] | None, Tensor | None]:
-    """The view shape and per-unit 0/1 multiplier of ``mask``, or ``(None, None)`` if it has none.
+class FromEngine:
+    """A read-only attribute of a callback that reads its engine's attribute of the same name."""
 
-    A mask has one if it is made of whole units that are boxes of a view of ``param``; not without a pattern,
-    for patterns without such a view, or while progressive pruning has cut units partially.
-    """
-    found = pattern.unit_view(tuple(param.shape)) if pattern is not None and param.is_contiguous() else None
-    if found is None:
-        return None, None
-    view, unit_dims = found
-    boxes = mask.reshape(view).view(torch.uint8)  # bool all/any along inner dims are ~50x slower on CPU
-    kept = boxes.amin(dim=unit_dims, keepdim=True)
-    if not torch.equal(kept, boxes.amax(dim=unit_dims, keepdim=True)):
-        return None, None
-    return view, kept.to(param.dtype)
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-
-def all_kept(mask: Tensor) -> bool:
-    """Whether a bool mask is all True (a min over its bytes: several times faster than ``mask.all()``)."""
-    return mask.numel() == 0 or bool(mask.reshape(-1).view(torch.uint8).amin())
-
-
-def _multiply(tensors: list[Tensor], mults: list[Tensor], views: list[tuple[int, ...] | None]) -> None:
-    """``tensors[i] *= mults[i]`` in place, fused; a per-unit multiplier broadcasts over its unit view."""
-    fused: list[Tensor] = []
-    factors: list[Tensor] = []
-    for tensor, mult, view in zip(tensors, mults, views):
-        if view is None:
-            fused.append(tensor)
-        elif tensor.is_contiguous():
-            fused.append(tensor.view(view))
-        else:  # e.g. a channels_last gradient of a contiguous weight: rare, and slower
-            tensor.mul_(mult.expand(view).reshape(tensor.shape))
-            continue
-        factors.append(mult)
-    if fused:
-        torch._foreach_mul_(fused, factors)
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance.engine, self.name)
 
 
 class MaskedWeights(Callback):
-    """Base class: targets, their masks, and pruned weights kept at exactly zero through training.
+    """Base class: a Lightning adapter around a mask-holding engine (:class:`~lightning_prune.engine.MaskKeeper`).
 
     Args:
-        op_types: module class names whose ``weight`` is a target.
-        include: regexes; only modules whose full name matches one are targets.
-        exclude: regexes; modules whose full name matches one are not targets.
+        engine: the engine that holds targets and masks and keeps pruned weights at zero.
+        verbose: print the per-layer sparsity table (rank zero) at the end of training.
 
     Example:
-        >>> cb = MaskedWeights(op_types="Linear")
+        >>> from lightning_prune.engine import MaskLock
+        >>> cb = MaskedWeights(MaskLock(op_types="Linear"))
         >>> cb.op_types
         ('Linear',)
     """
 
-    def __init__(
-        self,
-        op_types: str | Sequence[str] = ("Linear", "Conv1d", "Conv2d"),
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-    ) -> None:
-        self.op_types = parse_op_types(op_types)
-        compile_patterns("include", include)
-        compile_patterns("exclude", exclude)
-        self.include, self.exclude = include, exclude
-        self._targets: dict[str, torch.nn.Parameter] = {}
-        self._masks: dict[str, Tensor] = {}
-        # Masks in each weight's dtype (the fused zeroing is ~3x faster than with bool masks); per unit where
-        # the mask is made of whole units that form boxes in a view of the weight (`Pattern.unit_view`): then
-        # `_unit_views[i]` is that view's shape and the multiplier broadcasts over it, else it is None.
-        self._multipliers: list[Tensor] = []
-        self._unit_views: list[tuple[int, ...] | None] = []
-        self._pending: dict[str, Any] | None = None
-        self._stepped = False  # an optimizer stepped that may have moved pruned weights
-        self._moments_cleared: torch.optim.Optimizer | None = None  # zero-keeping optimizer, moments cleared
-        # Parameters kept at zero along with the targets (a pruned filter's bias and norm entries), each with
-        # the target whose mask decides it: (parameter, target name, its 0/1 multiplier).
-        self._coupled: list[tuple[torch.nn.Parameter, str, Tensor]] = []
+    def __init__(self, engine: MaskKeeper, verbose: bool = True) -> None:
+        self.engine = engine
+        self.verbose = verbose
+        self._pending: dict[str, Any] | None = None  # state restored from a checkpoint, bound at train start
+        # ddp_spawn/ddp_fork train in child processes: rank zero hands its state back through this file.
+        self._launcher = os.getpid()
+        self._handoff = Path(tempfile.gettempdir()) / f"lightning_prune-{self._launcher}-{uuid.uuid4().hex}.pt"
 
-    # ------------------------------------------------------------------ public read-only views
+    # ------------------------------------------------------------------ public views
+    op_types = FromEngine()  # module class names whose ``weight`` is a target
+    include = FromEngine()  # regexes: only modules whose full name matches one are targets
+    exclude = FromEngine()  # regexes: modules whose full name matches one are not targets
+
     @property
     def state_key(self) -> str:
-        """Identifies the parameters this callback owns, so that several instances can coexist."""
-        return self._generate_state_key(op_types=self.op_types, include=self.include, exclude=self.exclude)
+        """Identifies this callback's state in checkpoints: its class and everything that defines its run.
+
+        Two callbacks that differ in anything coexist (and clash only if they claim the same weights).
+        """
+        return self._generate_state_key(**self._identity())
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
         """Read-only mapping: parameter name → bool mask shaped like it, True = kept."""
-        return MappingProxyType(self._masks)
+        self._receive()
+        return self.engine.masks
 
     def sparsity(self) -> float:
-        """Fraction of zeros over all targets, from the masks."""
-        total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
-        return 1.0 - kept / max(total, 1)
+        """Fraction of zeros over all targets, from the masks (0.0 before there are any)."""
+        self._receive()
+        return self.engine.sparsity()
 
-    def report(self, pl_module: torch.nn.Module) -> list[SparsityRow]:
+    def report(self, pl_module: torch.nn.Module | None = None) -> list[SparsityRow]:
         """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
-        return sparsity_report(pl_module, self._masks, self._pattern_name())
+        self._receive()
+        return self.engine.report()
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve and validate targets; raises before training with the model untouched."""
+        """Validate targets now if the model's layers exist (else once ``configure_model`` built them)."""
         if stage == "fit":
             _check_strategy(trainer)
-            self._targets = self._resolve_now(pl_module)
-            self._check_unclaimed(trainer)
+            if not is_overridden("configure_model", pl_module):
+                self.engine.check(pl_module)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Zero the gradients of pruned weights; make sure the coming step leaves them at zero."""
-        self._mask_gradients(optimizer)
+        """Find this run's state even if it was saved under another key (older versions, changed settings).
 
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """After a step by an optimizer that may move pruned weights, set them to zero again."""
-        if self._stepped:
-            self._zero_weights()
-            self._stepped = False
+        A state of this class for any of the same weights is taken, so that a changed configuration is
+        refused at the start of training (naming what differs) instead of silently starting afresh.
+        """
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return  # Lightning hands it to load_state_dict
+        ours = set(self.engine.check(pl_module))
+        prefix = f"{type(self).__qualname__}{{"
+        for key, state in states.items():
+            if key.startswith(prefix) and isinstance(state, Mapping) and ours & set(state.get("masks", {})):
+                self._pending = dict(state)
+                return
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state until ``on_train_start``, when the model is final and its weights restored."""
         self._pending = dict(state_dict)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state (masks, and whatever the engine keeps)."""
+        if self._pending is not None:
+            return self._pending
+        self._receive()
+        return self.engine.state_dict()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind the engine to the model: targets resolved, masks restored or carried over, zeros applied."""
+        self._check_unclaimed(trainer, pl_module)
+        state, self._pending = self._pending, None
+        self._bind(trainer, pl_module, state)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero the gradients of pruned weights; make sure the coming step leaves them at zero."""
+        self.engine.before_optimizer_step(trainer.global_step, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After an optimizer step: pruned weights back to zero where the optimizer may have moved them."""
+        self.engine.after_optimizer_step()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Print the sparsity table; in a child process (ddp_spawn), hand the state back to the launcher."""
+        if self.verbose and self.engine.masks:
+            rank_zero_info(f"{type(self).__name__}: per-layer sparsity\n" + format_report(self.engine.report()))
+        if trainer.is_global_zero and os.getpid() != self._launcher:
+            torch.save(self.engine.state_dict(), self._handoff)
+
     # ------------------------------------------------------------------ for subclasses
-    def _pattern_name(self) -> str | None:
-        return None
+    def _identity(self) -> dict[str, Any]:
+        """What defines this callback's run, for :attr:`state_key`."""
+        return {"op_types": self.op_types, "include": self.include, "exclude": self.exclude}
 
-    def _check_target(self, fqn: str, param: torch.nn.Parameter) -> None:
-        """Raise if ``param`` cannot be a target (e.g. its shape does not suit the pattern)."""
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any] | None) -> None:
+        self.engine.bind(pl_module, state)
 
-    def _resolve_now(self, pl_module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        targets = resolve_targets(pl_module, self.op_types, self.include, self.exclude)
-        for fqn, param in targets.items():
-            self._check_target(fqn, param)
-        return targets
-
-    def _check_unclaimed(self, trainer: pl.Trainer) -> None:
-        """Raise if another mask-holding callback of ``trainer`` already claims one of our targets."""
+    # ------------------------------------------------------------------ helpers
+    def _check_unclaimed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise, before any weight changes, if another mask-holding callback claims one of our targets."""
+        ours = self.engine.check(pl_module)
         for other in getattr(trainer, "callbacks", []):
-            if other is self or not isinstance(other, MaskedWeights) or not other._targets:
+            if other is self or not isinstance(other, MaskedWeights):
                 continue
-            theirs = {id(p) for p in other._targets.values()}
-            shared = [fqn for fqn, p in self._targets.items() if id(p) in theirs]
+            try:
+                theirs = {id(p) for p in other.engine.check(pl_module).values()}
+            except ValueError:
+                continue  # the other callback reports its own error when its turn comes
+            shared = [fqn for fqn, p in ours.items() if id(p) in theirs]
             if shared:
                 raise ValueError(
                     f"{type(self).__name__} and {type(other).__name__} both claim {shared[:6]}"
@@ -217,115 +203,9 @@ class MaskedWeights(Callback):
                     "include/exclude"
                 )
 
-    def _bind(self, pl_module: torch.nn.Module) -> bool:
-        """Point the targets at the module's current parameters; True if they differ from those at setup.
-
-        Strategies and ``configure_model`` may replace modules after ``setup``: the targets are resolved and
-        checked again here, still before the first step, and a change of names or shapes is reported.
-        """
-        before = {fqn: tuple(p.shape) for fqn, p in self._targets.items()}
-        self._targets = self._resolve_now(pl_module)
-        now = {fqn: tuple(p.shape) for fqn, p in self._targets.items()}
-        if before and before != now:
-            changed = sorted(set(before.items()) ^ set(now.items()))
-            rank_zero_warn(
-                f"the modules to prune changed between setup and the start of training (replaced modules?): "
-                f"{changed[:6]}{' ...' if len(changed) > 6 else ''}; pruning the current ones"
-            )
-            return True
-        return False
-
-    def _checked_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Saved masks, checked against the targets by name and shape, on the targets' devices."""
-        if set(masks) != set(self._targets):
-            raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
-        checked = {}
-        for fqn, param in self._targets.items():
-            mask = masks[fqn]
-            if tuple(mask.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
-                )
-            checked[fqn] = mask.to(device=param.device, dtype=torch.bool)
-        return checked
-
-    def _masks_changed(self) -> None:
-        """Call after masks lost entries: refresh multipliers, zero the weights, re-check optimizer state."""
-        self._refresh_multipliers()
-        self._zero_weights()
-        self._moments_cleared = None
-
-    def _unit_pattern(self) -> Pattern | None:
-        """The pattern whose units masks are made of, if any (per-unit multipliers need one)."""
-        return None
-
-    def _refresh_multipliers(self) -> None:
-        if not self._multipliers and all(all_kept(m) for m in self._masks.values()):
-            return
-        pattern = self._unit_pattern()
-        old: list[Tensor | None] = [*self._multipliers] or [None] * len(self._masks)
-        self._multipliers, self._unit_views = [], []
-        for previous, param, mask in zip(old, self._targets.values(), self._masks.values()):
-            view, multiplier = _unit_multiplier(pattern, param, mask)
-            if multiplier is None:  # per weight; reuse the previous buffer when it is one
-                if previous is not None and previous.shape == param.shape and previous.dtype == param.dtype:
-                    multiplier = previous
-                else:
-                    multiplier = torch.empty_like(param)
-                multiplier.copy_(mask)
-            self._multipliers.append(multiplier)
-            self._unit_views.append(view)
-        for _, fqn, multiplier in self._coupled:
-            mask = self._masks[fqn]
-            multiplier.copy_(mask.reshape(mask.shape[0], -1).any(dim=1))  # a filter with any weight left
-
-    def _pairs(self) -> tuple[list[torch.nn.Parameter], list[Tensor], list[tuple[int, ...] | None]]:
-        """Every parameter kept at zero with its multiplier and unit view: the targets, then coupled ones."""
-        params = [*self._targets.values(), *(p for p, _, _ in self._coupled)]
-        views = [*self._unit_views, *(None for _ in self._coupled)]
-        return params, [*self._multipliers, *(m for _, _, m in self._coupled)], views
-
-    @torch.no_grad()
-    def _zero_weights(self) -> None:
-        if self._multipliers:
-            params, mults, views = self._pairs()
-            _multiply([p.data for p in params], mults, views)
-
-    def _mask_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._multipliers:
-            return
-        triples = [(w.grad, m, v) for w, m, v in zip(*self._pairs()) if w.grad is not None]
-        if triples:
-            grads, mults, views = (list(x) for x in zip(*triples))
-            _multiply(grads, mults, views)
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the real one
-        if self._moments_cleared is not optimizer and not self._clear_moments(optimizer):
-            self._stepped = True  # an optimizer we cannot reason about: re-zero the weights after it
-
-    @torch.no_grad()
-    def _clear_moments(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Zero the first moments of pruned weights if ``optimizer`` keeps zeros; False if it may not."""
-        names = _ZERO_KEEPING.get(type(optimizer))
-        if names is None:
-            return False
-        params, multipliers, views = self._pairs()
-        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if not all(id(p) in managed for p in params if p.grad is not None):
-            return False  # e.g. sharded or flattened parameters: the optimizer steps other tensors
-        moments: list[Tensor] = []
-        mults: list[Tensor] = []
-        moment_views: list[tuple[int, ...] | None] = []
-        for param, mult, view in zip(params, multipliers, views):
-            state = optimizer.state.get(param, {})
-            for name in names:
-                moment = state.get(name)
-                if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
-                    moments.append(moment)
-                    mults.append(mult)
-                    moment_views.append(view)
-                elif moment is not None:
-                    return False
-        if moments:
-            _multiply(moments, mults, moment_views)
-        self._moments_cleared = optimizer
-        return True
+    def _receive(self) -> None:
+        """In the launching process of ddp_spawn: take the state that rank zero handed back, once."""
+        if os.getpid() == self._launcher and self._handoff.exists():
+            state = torch.load(self._handoff, map_location="cpu", weights_only=True)
+            self._handoff.unlink()
+            self.engine.load_state_dict(state)

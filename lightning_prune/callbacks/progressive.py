@@ -1,36 +1,28 @@
-"""``ProgressivePruning``: structured pruning eased in by unstructured interval masks between events."""
+"""``ProgressivePruning``: a :class:`~lightning_prune.ProgressivePruner` driven by Lightning's Trainer."""
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from typing_extensions import override
-
+from lightning_prune.callbacks.masked import FromEngine
 from lightning_prune.callbacks.pruning import Pruning
 from lightning_prune.criteria import Criterion
-from lightning_prune.patterns import Pattern, Unstructured
-from lightning_prune.regularization import GroupLasso
+from lightning_prune.engine import PROGRESSIVE_TYPES, ProgressivePruner
+from lightning_prune.patterns import Pattern
+from lightning_prune.regularization import Regularization
 from lightning_prune.schedules import Schedule
-from lightning_prune.selection import prune_lowest
 
 __all__ = ["PROGRESSIVE_TYPES", "ProgressivePruning"]
-
-PROGRESSIVE_TYPES = ("scores",)
 
 
 class ProgressivePruning(Pruning):
     """Structured pruning whose blocks are removed gradually, weight by weight, between events (SPEC.md (d)).
 
     Between two structured events, ``progressive_steps - 1`` interval masks, evenly spaced, each take a
-    further share of the weights that the next event's structured mask would drop (planned from the current
-    scores), lowest-scored weights first. Interval masks may cut units partially; units with a pruned weight
-    rank first at the next event, so every structured event, and the end, leaves masks that fit the pattern
-    exactly, at the scheduled sparsity. The first event and the last are plain structured events.
+    further share of the weights that the next event's structured mask would drop, lowest-scored weights
+    first; every structured event, and the end, leaves masks that fit the pattern exactly, at the scheduled
+    sparsity. The algorithm is :class:`~lightning_prune.ProgressivePruner`'s.
 
     Args:
         progressive_steps: interval masks per gap between events, counting the event that completes them
@@ -53,8 +45,6 @@ class ProgressivePruning(Pruning):
         4
     """
 
-    _element_scores = True  # interval masks rank single weights inside the planned units
-
     def __init__(
         self,
         target_sparsity: float,
@@ -68,10 +58,15 @@ class ProgressivePruning(Pruning):
         min_sparsity_per_layer: float = 0.0,
         max_sparsity_per_layer: float = 0.98,
         log_per_layer: bool = False,
-        regularization: GroupLasso | None = None,
+        regularization: Regularization | None = None,
         progressive_steps: int = 4,
         progressive_type: str = "scores",
+        verbose: bool = True,
     ) -> None:
+        self._progressive: dict[str, Any] = {
+            "progressive_steps": progressive_steps,
+            "progressive_type": progressive_type,
+        }
         super().__init__(
             target_sparsity,
             pattern=pattern,
@@ -85,109 +80,11 @@ class ProgressivePruning(Pruning):
             max_sparsity_per_layer=max_sparsity_per_layer,
             log_per_layer=log_per_layer,
             regularization=regularization,
+            verbose=verbose,
         )
-        if not isinstance(progressive_steps, int) or isinstance(progressive_steps, bool) or progressive_steps < 1:
-            raise ValueError(f"progressive_steps must be an int >= 1, got {progressive_steps!r}")
-        if progressive_type == "linear":
-            raise ValueError(
-                "progressive_type 'linear' (a growing slice along each block) is not implemented; choose one of "
-                f"{', '.join(map(repr, PROGRESSIVE_TYPES))}"
-            )
-        if progressive_type not in PROGRESSIVE_TYPES:
-            raise ValueError(
-                f"progressive_type {progressive_type!r} is not valid; choose one of "
-                f"{', '.join(map(repr, PROGRESSIVE_TYPES))}"
-            )
-        if isinstance(self.pattern, Unstructured):
-            raise ValueError(
-                "pattern 'unstructured' has nothing to ease in: its units are single weights already; use "
-                "Pruning, or a structured pattern ('4x1', '1xchannel', '2:4', ...)"
-            )
-        self.progressive_steps = progressive_steps
-        self.progressive_type = progressive_type
-        if self.schedule is not None:
-            self._check_schedule(self.schedule)
-        self._last_interval = (-1, 0)  # (event, interval) last applied
 
-    def config(self) -> dict[str, Any]:
-        """The settings stored in checkpoints."""
-        return {
-            **super().config(),
-            "progressive_steps": self.progressive_steps,
-            "progressive_type": self.progressive_type,
-        }
+    progressive_steps = FromEngine()
+    progressive_type = FromEngine()
 
-    def _check_schedule(self, schedule: Schedule) -> None:
-        steps = schedule.event_steps()
-        if len(steps) < 2:
-            raise ValueError(
-                f"ProgressivePruning eases in between pruning events, but schedule {schedule!r} has one event; "
-                "use Pruning, or an Iterative schedule with start_step < end_step"
-            )
-        gap = min(b - a for a, b in itertools.pairwise(steps))
-        if gap < self.progressive_steps:
-            raise ValueError(
-                f"events of schedule {schedule!r} are {gap} steps apart, fewer than progressive_steps="
-                f"{self.progressive_steps}: every interval mask needs a step of its own; lower progressive_steps "
-                "or raise the frequency"
-            )
-
-    # ------------------------------------------------------------------ Lightning hooks
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """As :class:`Pruning`; a default schedule is checked against ``progressive_steps`` too."""
-        self._check_schedule(self.schedule or self._default_schedule(trainer))  # before anything is touched
-        state = self._pending
-        super().on_train_start(trainer, pl_module)
-        if state is not None and "last_interval" in state:
-            event, interval = state["last_interval"]
-            self._last_interval = (int(event), int(interval))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """As :class:`Pruning`, plus the last interval mask applied."""
-        state = super().state_dict()
-        if self._pending is None:
-            state["last_interval"] = list(self._last_interval)
-        return state
-
-    # ------------------------------------------------------------------ helpers
-    def _advance(self, trainer: pl.Trainer) -> None:
-        last_event = self._last_event
-        super()._advance(trainer)
-        if self._last_event != last_event:
-            self._last_interval = (self._last_event, 0)  # a structured event completes the previous gap
-            return
-        schedule = self._resolved
-        assert schedule is not None
-        event = self._last_event
-        if event < 0 or event >= schedule.num_events - 1:
-            return
-        steps = schedule.event_steps()
-        begin, gap = steps[event], steps[event + 1] - steps[event]
-        interval = min((trainer.global_step - begin) * self.progressive_steps // gap, self.progressive_steps - 1)
-        done_event, done = self._last_interval
-        if done_event != event:
-            done = 0
-        if interval > done:
-            share = (interval - done) / (self.progressive_steps - done)
-            self._ease_in(schedule.sparsity(event + 1, self.target_sparsity), share)
-            self._last_interval = (event, interval)
-
-    @torch.no_grad()
-    def _ease_in(self, next_sparsity: float, share: float) -> None:
-        """Prune ``share`` of the still-kept weights that the next structured mask drops, lowest scores first."""
-        scores = self._current_scores()
-        plans = self._plan(scores, next_sparsity)
-        masks = list(self._masks.values())
-        # Pruned: -inf (counted first); in the plan: the weight's score; elsewhere: +inf (never taken).
-        candidates = [torch.where(plan | ~mask, score, math.inf) for plan, score, mask in zip(plans, scores, masks)]
-        pending = [int((plan & mask).sum()) for plan, mask in zip(plans, masks)]
-        pruned = [int((~mask).sum()) for mask in masks]
-        if self.scope == "local":
-            picks = [prune_lowest([c], [1], p + round(share * n))[0] for c, p, n in zip(candidates, pruned, pending)]
-        else:
-            picks = prune_lowest(candidates, [1] * len(candidates), sum(pruned) + round(share * sum(pending)))
-        for pick, mask in zip(picks, masks):
-            mask.logical_and_(~pick)
-        self._masks_changed()
+    def _engine(self, target_sparsity: float, settings: dict[str, Any]) -> ProgressivePruner:
+        return ProgressivePruner(None, target_sparsity, **self._progressive, **settings)
