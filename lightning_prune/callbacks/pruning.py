@@ -189,7 +189,7 @@ class Pruning(MaskedWeights):
         # and an event between two of those would be lost.
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        metrics = {"prune/sparsity": event.sparsity, "prune/target": event.scheduled}
+        metrics = {"prune/sparsity": self.pruner.sparsity(), "prune/target": event.scheduled}
         if self.log_per_layer:
             metrics.update({f"prune/sparsity/{fqn}": value for fqn, value in self.pruner.layer_sparsity().items()})
         for logger in trainer.loggers:

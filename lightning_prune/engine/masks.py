@@ -160,12 +160,12 @@ class MaskKeeper:
     def sparsity(self) -> float:
         """Fraction of zeros over all targets, from the masks (0.0 before there are any)."""
         total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
+        kept = sum(int(torch.count_nonzero(m)) for m in self._masks.values())
         return 1.0 - kept / total if total else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of zeros of each target, by name."""
-        return {fqn: 1.0 - float(m.sum()) / max(m.numel(), 1) for fqn, m in self._masks.items()}
+        return {fqn: 1.0 - int(torch.count_nonzero(m)) / max(m.numel(), 1) for fqn, m in self._masks.items()}
 
     def report(self) -> list[SparsityRow]:
         """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""

@@ -37,12 +37,19 @@ def check_fraction(name: str, value: object, upper_open: bool) -> float:
 
 @dataclass(frozen=True)
 class Event:
-    """A pruning event that just happened: its optimizer step and index, the scheduled and reached sparsity."""
+    """A pruning event that just happened.
+
+    Attributes:
+        step: its optimizer step.
+        index: its index in the schedule.
+        scheduled: the sparsity it was scheduled to reach (the masks reach it up to one unit;
+            :meth:`Pruner.sparsity` counts them).
+        last: whether it was the schedule's last event.
+    """
 
     step: int
     index: int
     scheduled: float
-    sparsity: float
     last: bool
 
 
@@ -415,7 +422,7 @@ class Pruner(MaskKeeper):
         if last:  # no event left: running states, hooks and scratch memory are no longer needed
             self.close()
             TargetStates.release(self._views)
-        return Event(step, index, scheduled, self.sparsity(), last)
+        return Event(step, index, scheduled, last)
 
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
