@@ -57,8 +57,8 @@ class MaskHashes(pl.Callback):
             dist.destroy_process_group()
 
 
-def fit(out: Path, strategy: str, pattern: str, criterion: str) -> float:
-    """Train 8 steps on two processes; returns the target sparsity."""
+def fit(out: Path, strategy: str, pattern: str, criterion: str) -> tuple[float, Pruning]:
+    """Train 8 steps on two processes; returns the target sparsity and the callback."""
     module = make_module("mlp", "adamw")
     target = 0.5 if ":" in pattern else 0.7
     cb = Pruning(target, pattern, criterion, schedule=Iterative(start_step=0, end_step=6, frequency=2))
@@ -75,7 +75,7 @@ def fit(out: Path, strategy: str, pattern: str, criterion: str) -> float:
     )
     torch.manual_seed(0)
     trainer.fit(module, make_loader(module))
-    return target
+    return target, cb
 
 
 if __name__ == "__main__":

@@ -39,7 +39,13 @@ def check_hashes(out: Path, target: float) -> None:
     ],
 )
 def test_masks_identical_on_every_rank_under_ddp_spawn(tmp_path, pattern, criterion):
-    check_hashes(tmp_path, fit(tmp_path, "ddp_spawn", pattern, criterion))
+    target, cb = fit(tmp_path, "ddp_spawn", pattern, criterion)
+    check_hashes(tmp_path, target)
+    # the launching process gets the masks and the report back from rank zero
+    assert set(cb.masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert cb.sparsity() == pytest.approx(target, abs=0.02)
+    assert [row.name for row in cb.report()] == list(cb.masks)
+    assert cb.state_dict()["last_event"] == 3
 
 
 @pytest.mark.parametrize(
