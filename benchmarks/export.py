@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import cnn
 from experiments.models import Classifier, MiniLM, ResNetSmall
+from experiments.timing import latency
 from lightning_prune import Pruning
 from lightning_prune.export import make_permanent, save_sparse, slim
 from lightning_prune.schedules import OneShot
@@ -58,26 +57,6 @@ def prune(net: nn.Module, inputs: torch.Tensor, classes: int, **pruning: Any) ->
     )
     trainer.fit(model, DataLoader(data, batch_size=max(1, len(inputs) // 3)))
     return {k.removeprefix("net."): v for k, v in cb.masks.items()}
-
-
-@torch.no_grad()
-def latency(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median ratio of each model's latency to the first one's, run alternately."""
-    for m in models.values():
-        m.eval()
-        m(x)
-    ratios: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(rounds):
-        order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
-        times = {}
-        for name, m in order:
-            start = time.perf_counter()
-            m(x)
-            times[name] = time.perf_counter() - start
-        base = times[next(iter(models))]
-        for name in models:
-            ratios[name].append(times[name] / base)
-    return {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def compare(title: str, net: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor, rounds: int) -> None:

@@ -8,7 +8,10 @@ group-lasso coefficient differs (0 = off). Reported per coefficient, as the mean
 - zero blocks: share of groups that are exactly zero, all of them and among the groups the masks keep;
 - test accuracy.
 
-Usage: python experiments/group_lasso_digits.py [--coeffs 0 0.02 0.1] [--seeds 0 1] [--epochs 40]
+The model and data are the demo's (``make demo``): the ResNet-style CNN of ``experiments.models`` on the
+digits of ``experiments.data``.
+
+Usage: python experiments/group_lasso_digits.py [--coeffs 0 0.02 0.1] [--seeds 0 1] [--steps 920]
 """
 
 from __future__ import annotations
@@ -16,13 +19,19 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from digits_demo import digits_loaders, train
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.data import DigitsData
+from experiments.models import Classifier, ResNetSmall
 from lightning_prune import Pruning
 from lightning_prune.patterns import parse_pattern
 from lightning_prune.regularization import GroupLasso, group_norms
@@ -56,34 +65,53 @@ class SnapshotAtWindowEnd(pl.Callback):
             self.stats = block_stats(self.pruning, pl_module)
 
 
+def train(steps: int, pruning: Pruning, seed: int, snapshot: pl.Callback) -> tuple[torch.nn.Module, float]:
+    """The demo's CNN trained for ``steps`` under ``pruning``; returns it and its test accuracy."""
+    pl.seed_everything(seed, verbose=False)
+    data = DigitsData(batch_size=64, seed=seed)
+    model = Classifier(ResNetSmall(in_channels=1, num_classes=10), num_classes=10)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=[pruning, snapshot],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(model, datamodule=data)
+    return model, float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coeffs", type=float, nargs="+", default=[0.0, 0.02, 0.1])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=920)
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--pattern", default="4x1")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
-    steps = args.epochs * len(digits_loaders()[0])
+    steps = args.steps
     end = int(0.6 * steps)
     rows = []
     for coeff in args.coeffs:
         runs = []
         for seed in args.seeds:
             schedule = Iterative(start_step=0, end_step=end, frequency=max(1, steps // 50))
-            pruning = Pruning(args.sparsity, pattern=args.pattern, schedule=schedule, regularization=GroupLasso(coeff))
+            lasso = GroupLasso(coeff)
+            pruning = Pruning(args.sparsity, args.pattern, schedule=schedule, regularization=lasso, verbose=False)
             snapshot = SnapshotAtWindowEnd(pruning, end)
-            model, accuracy, _ = train(args.epochs, pruning, seed, extra_callbacks=[snapshot])
+            model, accuracy = train(steps, pruning, seed, snapshot)
             final = block_stats(pruning, model)
             runs.append({"acc": accuracy, **{f"window_{k}": v for k, v in snapshot.stats.items()}, **final})
             print(f"coeff {coeff:g} seed {seed}: {runs[-1]}", flush=True)
         rows.append((coeff, {k: statistics.mean(r[k] for r in runs) for k in runs[0]}))
 
     print(
-        f"\ndigits CNN, {args.epochs} epochs ({steps} steps), pruning window 0..{end}, {args.pattern} at "
+        f"\ndigits, the demo's ResNet-style CNN, {steps} steps, pruning window 0..{end}, {args.pattern} at "
         f"{args.sparsity}, snip_momentum; mean over seeds {args.seeds}\n"
     )
     print(

@@ -27,6 +27,7 @@ from experiments import plots
 
 COLUMNS = [
     "job",
+    "status",
     "pruner",
     "pattern",
     "criterion",
@@ -45,9 +46,12 @@ def collect(folder: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(folder.rglob("results.json")):
         r = json.loads(path.read_text())
+        failed = r.get("status") == "failed"
+        job = str(path.parent.relative_to(folder)) or "."
         rows.append(
             {
-                "job": str(path.parent.relative_to(folder)) or ".",
+                "job": f"{job} ({r.get('overrides')})" if failed else job,
+                "status": f"failed: {r.get('error', '?')}" if failed else "ok",
                 "pruner": r.get("pruner"),
                 "pattern": r.get("pattern"),
                 "criterion": r.get("criterion"),
@@ -96,9 +100,11 @@ def write_report(folder: Path, out: Path | None = None) -> list[dict[str, Any]]:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     series: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
+        if row["status"] != "ok":
+            continue
         label = f"{row['pruner']} {row['pattern']} {row['criterion']}"
         series.setdefault(label, []).append((row["sparsity"], row["accuracy"]))
-    dense = [r["dense_accuracy"] for r in rows if r["dense_accuracy"] is not None]
+    dense = [r["dense_accuracy"] for r in rows if r.get("dense_accuracy") is not None]
     plots.pareto(series, statistics.mean(dense) if dense else None, out / "pareto.png", f"{len(rows)} runs")
     return rows
 

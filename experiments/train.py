@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import sys
 import time
 import warnings
@@ -26,6 +28,8 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
@@ -35,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import experiments
 from experiments import plots
+from experiments.timing import latency
 from lightning_prune import PatternLock, Pruning, format_report
 from lightning_prune.callbacks import MaskedWeights
 from lightning_prune.export import make_permanent, save_sparse, slim
@@ -93,8 +98,6 @@ def export(kind: str, model: pl.LightningModule, masks: dict[str, torch.Tensor],
         batch = next(iter(data.test_dataloader()))[0]
         small, info = slim(model, masks, batch[:2])
         torch.save(small, path)
-        from benchmarks.export import latency  # the benchmark's alternating timer, imported only for slim
-
         info["latency_ratio"] = latency({"masked": model, "slimmed": small}, batch, rounds=15)["slimmed"]
     print(f"export={kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return {"kind": kind, "path": str(path), "bytes": path.stat().st_size, **info}
@@ -107,20 +110,38 @@ def _dense_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def dense_cache_dir(cfg: DictConfig, out: Path) -> Path:
+    """Where dense baselines are kept: ``dense_cache`` if set, else the sweep folder under -m, else the run's."""
+    if cfg.get("dense_cache"):
+        return Path(cfg.dense_cache)
+    return Path(HydraConfig.get().sweep.dir) / "dense_baselines" if _multirun() else out / "dense_baselines"
+
+
 def dense_baseline(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
-    """Train the dense model, or reuse the one trained earlier in this output folder."""
+    """Train the dense model, or reuse the one trained earlier with the same data, model, trainer and seed."""
     if cfg.dense == "skip":
         return None
-    cache = out.parent / "dense_baselines" / f"{_dense_key(cfg)}.json"
+    cache = dense_cache_dir(cfg, out) / f"{_dense_key(cfg)}.json"
     if cfg.dense == "reuse" and cache.exists():
         log.info("dense baseline reused from %s", cache)
         return {**json.loads(cache.read_text()), "reused_from": str(cache)}
-    dense_cfg = cfg.copy()
-    result = _fit_and_test(dense_cfg, [], cfg.init_from)
+    _say(f"dense:  training {cfg.steps} steps ...")
+    result = _fit_and_test(cfg.copy(), [], cfg.init_from)
     record = {"accuracy": result["accuracy"], "seconds": result["seconds"]}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(record))
+    if result["trainer"].is_global_zero:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(record))
     return record
+
+
+def _say(line: str) -> None:
+    """A progress line, once (rank zero under DDP)."""
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+        print(line, flush=True)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -139,14 +160,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     dense = dense_baseline(cfg, out)
     trace = SparsityTrace(pruner)
+    _say(f"pruned: training {cfg.steps} steps with {type(pruner).__name__} ...")
     pruned = _fit_and_test(cfg, [pruner, trace], cfg.init_from)
     trainer, model = pruned["trainer"], pruned["model"]
     if not cfg.trainer.get("fast_dev_run"):
-        trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)
+        trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)  # every rank calls it; rank zero writes
+    if not trainer.is_global_zero:
+        return {}  # under DDP, rank zero writes the results
 
     rows = [row._asdict() for row in pruner.report(model)]
     layers = [r for r in rows if r["name"] != "total"]
     results = {
+        "status": "ok",
         "pruner": type(pruner).__name__,
         "pattern": str(getattr(pruner, "pattern", None)),
         "criterion": str(getattr(pruner, "criterion", None)),
@@ -185,12 +210,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def run_or_report(cfg: DictConfig) -> float:
+    """:func:`run`, returning the pruned accuracy.
+
+    In a sweep, a job that fails writes ``results.json`` with its error instead of raising, so that the other
+    jobs run and ``report.md`` lists it as failed.
+    """
+    if not _multirun():
+        return float(run(cfg).get("accuracy", math.nan))
+    try:
+        return float(run(cfg).get("accuracy", math.nan))
+    except Exception as err:  # any failure of one job is reported; the sweep goes on
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cause: BaseException = err
+        while cause.__cause__ is not None:  # the error itself, not Hydra's instantiation wrapper
+            cause = cause.__cause__
+        error = " ".join(f"{type(cause).__name__}: {cause}".split())
+        overrides = " ".join(HydraConfig.get().overrides.task)
+        failed = {"status": "failed", "error": error, "overrides": overrides}
+        (out / "results.json").write_text(json.dumps(failed, indent=1, default=str))
+        log.error("job failed: %s", error)
+        print(f"job failed: {error}", flush=True)
+        return math.nan
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the pruned accuracy (for sweepers)."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    return float(run(cfg)["accuracy"])
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one clean summary: no device and tip banners
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return run_or_report(cfg)
 
 
 if __name__ == "__main__":

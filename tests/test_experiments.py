@@ -6,6 +6,8 @@ import inspect
 import itertools
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -160,13 +162,17 @@ def test_main_job_writes_results_and_plots_and_reuses_the_dense_baseline(tmp_pat
     first = run(configure(tmp_path / "a", tiny(tmp_path, "pruner.target_sparsity=0.5")))
     files = {p.name for p in (tmp_path / "a").iterdir()}
     assert {"results.json", "sparsity_vs_step.png", "layer_sparsity.png", "mask.png", "pruned.ckpt", "logs"} <= files
+    assert (tmp_path / "a" / "dense_baselines").is_dir(), "a single run keeps its dense baseline in its own folder"
+    assert {p.name for p in tmp_path.iterdir()} == {"a"}, "nothing lands outside the run folder"
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert saved["dense_accuracy"] is not None and saved["delta_points"] is not None
     assert saved["trace"][-1]["target"] == pytest.approx(0.5)
     assert any(Path(tmp_path / "a" / "logs").rglob("metrics.csv"))
-    second = run(configure(tmp_path / "b", tiny(tmp_path, "pattern=2in4", "pruner.target_sparsity=0.5")))
-    assert second["dense_accuracy"] == first["dense_accuracy"], "same folder, same budget: the baseline is reused"
+    shared = f"dense_cache={tmp_path / 'a' / 'dense_baselines'}"
+    second = run(configure(tmp_path / "b", tiny(tmp_path, "pattern=2in4", shared)))
+    assert second["dense_accuracy"] == first["dense_accuracy"], "same cache, same budget: the baseline is reused"
+    assert second["target_sparsity"] == 0.5, "an N:M pattern runs at its N/M by default"
     assert (
         "reused" in (tmp_path / "b" / "results.json").read_text() or second["dense_seconds"] == first["dense_seconds"]
     )
@@ -301,7 +307,7 @@ def test_sweep_report_from_a_fabricated_multirun(tmp_path):
     rows = write_report(tmp_path)
     assert len(rows) == 3
     md = (tmp_path / "report.md").read_text()
-    assert "| 1 | Pruning | 4x1 | snip_momentum |" in md and "-3.00" in md
+    assert "| 1 | ok | Pruning | 4x1 | snip_momentum |" in md and "-3.00" in md
     assert (tmp_path / "report.csv").read_text().count("\n") == 4
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="no results.json"):
@@ -387,3 +393,61 @@ def test_export_option_writes_the_artifact(tmp_path, kind, pattern, artifact):
 def test_unknown_export_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="export='onnx'.*'slim'"):
         run(configure(tmp_path, tiny(tmp_path, "export=onnx")))
+
+
+@pytest.mark.parametrize(
+    ("option", "expected", "target"),
+    [
+        ("8x1", "8x1", 0.8),
+        ("1x1", "unstructured", 0.8),
+        ("3in8", "3:8", 0.375),
+        ("2in4", "2:4", 0.5),
+        ("16x4", "16x4", 0.8),
+    ],
+)
+def test_any_block_or_n_in_m_pattern_is_an_option(tmp_path, option, expected, target):
+    pruner = instantiate(configure(tmp_path, [f"pattern={option}"]).pruner)
+    assert str(pruner.pattern) == expected
+    assert pruner.target_sparsity == target, "N:M runs at its natural N/M unless a target is given"
+
+
+def test_a_pattern_name_that_is_no_pattern_is_refused_by_hydra(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="Could not find 'pattern/4by1'"):
+        configure(tmp_path, ["pattern=4by1"])
+
+
+@pytest.mark.parametrize(
+    ("steps", "pattern"), [(8, "4x1"), (10, "2in4"), (37, "1xchannel"), (60, "1xchannel"), (600, "4x1")]
+)
+def test_derived_schedules_are_valid_for_every_budget(tmp_path, steps, pattern):
+    for pruner in ("basic", "progressive"):
+        cfg = configure(tmp_path, [f"pattern={pattern}", f"pruner={pruner}", f"steps={steps}"])
+        built = instantiate(cfg.pruner)  # the progressive pruner checks its schedule here
+        schedule = built.schedule
+        assert 0 <= schedule.start <= schedule.end < steps
+
+
+def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "experiments" / "train.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "-m",
+            "pattern=2in4",
+            "pruner.target_sparsity=0.7,0.5",
+            "steps=4",
+            "data.subset=64",
+            "dense=skip",
+            "plots=false",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| 0 (pattern=2in4 pruner.target_sparsity=0.7 " in report
+    assert "| failed: ValueError: target_sparsity 0.7 is above what pattern '2:4' can reach (0.5)" in report
+    assert "| 1 | ok | Pruning | 2:4 |" in report, "the job after the failing one ran"

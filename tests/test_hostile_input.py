@@ -278,3 +278,28 @@ def test_two_optimizers_splitting_the_targets_are_refused_before_training():
     with pytest.raises(ValueError, match=r"with 2 optimizers, the weights to prune must all be stepped by exactly one"):
         make_trainer([Pruning(0.5, "unstructured", schedule=OneShot(0))]).fit(module, make_loader(make_module()))
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+class Block(nn.Module):
+    """A container without a weight of its own, like transformers' ``LlamaMLP``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(12, 16)
+        self.down = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize(
+    ("op_types", "match"),
+    [
+        ("linear", r"op_types 'linear' names no module class; class names are case-sensitive: 'Linear'"),
+        (["Block"], r"op_types 'Block' matches modules without a `weight` parameter \(e.g. 'net'\); op_types names"),
+        (["Conv2d"], r"no parameter to prune: .* classes in the model that hold a weight: \['Linear'\]"),
+    ],
+    ids=["miscased", "container", "absent"],
+)
+def test_op_types_that_match_no_weight_say_why(op_types, match):
+    fit_raises(TinyModule(Block(), (12,)), Pruning(0.5, "unstructured", schedule=OneShot(0), op_types=op_types), match)
