@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INC_PYTHON = ROOT / ".venv-inc" / "bin" / "python"
 
 
+@pytest.mark.slow
 def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--no-minilm", "--out", str(tmp_path)]
     cmd += ["--inc-python", str(tmp_path / "no-inc" / "python")]  # INC has its own test below

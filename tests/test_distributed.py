@@ -51,7 +51,7 @@ def test_masks_identical_on_every_rank_under_ddp_spawn(tmp_path, pattern, criter
 @pytest.mark.parametrize(
     ("pattern", "criterion"),
     [
-        ("2:4", "snip_momentum"),
+        pytest.param("2:4", "snip_momentum", marks=pytest.mark.slow),
         pytest.param("4x1", "magnitude", marks=pytest.mark.slow),
         pytest.param("channelx1", "snip", marks=pytest.mark.slow),
     ],

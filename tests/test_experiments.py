@@ -451,3 +451,27 @@ def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
     assert "| 0 (pattern=2in4 pruner.target_sparsity=0.7 " in report
     assert "| failed: ValueError: target_sparsity 0.7 is above what pattern '2:4' can reach (0.5)" in report
     assert "| 1 | ok | Pruning | 2:4 |" in report, "the job after the failing one ran"
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_zero_alone_reports_and_writes(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "experiments" / "train.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "+trainer.strategy=ddp",
+            "trainer.devices=2",
+            "steps=4",
+            "data.subset=64",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("pruned accuracy") == 1 and done.stdout.count("results: ") == 1, done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["sparsity"] == pytest.approx(0.8, abs=0.01) and len(results["layers"]) == 10
+    assert {p.name for p in (tmp_path / "dense_baselines").iterdir()}, "the dense baseline stays in the run folder"

@@ -156,3 +156,16 @@ def test_semi_structured_matches_dense_on_gpu():
     x = torch.randn(128, 256, device="cuda", dtype=torch.half)
     with torch.no_grad():
         assert torch.allclose(sparse(x), dense(x), atol=1e-2, rtol=1e-2)
+
+
+def test_slim_warns_about_the_sparsity_it_cannot_remove():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    keep = torch.rand(8, 6) > 0.5  # unstructured
+    keep[2] = False  # by chance one whole output channel
+    with torch.no_grad():
+        net[0].bias[2] = 0.0
+    removed = r"slim removed whole channels \(0 out \[2\]\) holding .* of the masks. pruned"
+    with pytest.warns(UserWarning, match=removed):
+        small, report = slim(net, {"0.weight": keep}, torch.randn(2, 6))
+    assert report["removed"] == {"0": 1} and small[0].weight.shape == (7, 6)

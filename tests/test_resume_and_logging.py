@@ -120,6 +120,7 @@ def _run_job(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(script), str(out), *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_inside_the_window_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
     """A subprocess trains with ModelCheckpoint every 8 steps, dies by SIGKILL at step 13 (pruning window
     4..28, last checkpoint at step 8), and resumes with ckpt_path="last": masks and weights end identical."""

@@ -6,10 +6,11 @@
 """
 
 from lightning_prune.engine.lock import MaskLock
-from lightning_prune.engine.masks import MaskKeeper, owning_optimizer
+from lightning_prune.engine.masks import MaskKeeper
 from lightning_prune.engine.progressive import PROGRESSIVE_TYPES, ProgressivePruner
 from lightning_prune.engine.pruner import Event, Pruner
 from lightning_prune.engine.scores import Target
+from lightning_prune.engine.zeroing import owning_optimizer
 
 __all__ = [
     "PROGRESSIVE_TYPES",

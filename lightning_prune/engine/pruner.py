@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -14,16 +12,15 @@ from torch import Tensor, nn
 
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.engine.coupling import Coupling
-from lightning_prune.engine.masks import MaskKeeper, all_kept
+from lightning_prune.engine.masks import MaskKeeper
+from lightning_prune.engine.planning import check_reachable, plan, pruned_first
 from lightning_prune.engine.scores import Target, TargetStates, process_group
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.regularization import Regularization
 from lightning_prune.schedules import Schedule, default_schedule
-from lightning_prune.selection import SCOPES, select
+from lightning_prune.selection import SCOPES
 
 __all__ = ["Event", "Pruner", "check_fraction"]
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_fraction(name: str, value: object, upper_open: bool) -> float:
@@ -88,7 +85,8 @@ class Pruner(MaskKeeper):
 
     Example:
         >>> from lightning_prune.schedules import Iterative
-        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> pruner = Pruner(model, 0.5, pattern="4x1", schedule=Iterative(start_step=0, end_step=4, frequency=2))
         >>> for step in range(6):
@@ -275,30 +273,8 @@ class Pruner(MaskKeeper):
 
     def _check_targets(self, targets: Mapping[str, nn.Parameter]) -> None:
         """Raise if the pattern cannot prune ``target_sparsity`` of the targets (e.g. layers narrower than M)."""
-        capacity = {}
-        for fqn, param in targets.items():
-            sizes = self.pattern.unit_sizes(tuple(param.shape))
-            units = self.pattern.unit_scores(torch.empty(param.shape, device="meta")).numel()
-            capacity[fqn] = sizes * units if isinstance(sizes, int) else int(sizes.sum())
-        total = sum(p.numel() for p in targets.values())
-        needed = round(self.target_sparsity * total)
-        short = sorted(f for f, p in targets.items() if capacity[f] < round(self.target_sparsity * p.numel()))
-        if self.scope == "local":
-            reachable = sum(min(capacity[f], round(self.target_sparsity * p.numel())) for f, p in targets.items())
-        else:
-            reachable = sum(
-                min(capacity[f], math.floor(self.max_sparsity_per_layer * p.numel())) for f, p in targets.items()
-            )
-        if reachable >= needed:
-            return
-        message = (
-            f"pattern '{self.pattern}' can prune at most {reachable / max(total, 1):.4f} of the targets, below "
-            f"target_sparsity {self.target_sparsity} ({self.scope} scope); layers it cannot bring to the target: "
-            f"{short[:6]}{' ...' if len(short) > 6 else ''}"
-        )
-        if reachable == 0 or needed - reachable > 0.01 * total:
-            raise ValueError(message + "; exclude them or choose another pattern")
-        warnings.warn(message + "; pruning goes as far as the pattern allows", stacklevel=3)
+        shapes = {fqn: tuple(p.shape) for fqn, p in targets.items()}
+        check_reachable(self.pattern, shapes, self.target_sparsity, self.scope, self.max_sparsity_per_layer)
 
     def _per_unit(self) -> bool:
         """Whether running states can be kept per unit rather than per weight (linear patterns only)."""
@@ -427,64 +403,36 @@ class Pruner(MaskKeeper):
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
         scores = self._current_scores()
-        for plan, mask in zip(self._plan(scores, sparsity), self._masks.values()):
-            mask.logical_and_(~plan)
+        for pruned, mask in zip(self._plan(scores, sparsity), self._masks.values()):
+            mask.logical_and_(~pruned)
         self._masks_changed()
 
     def _current_scores(self) -> list[Tensor]:
-        """The criterion's scores, -inf where pruned (so units holding pruned weights sort first).
-
-        Element scores, or unit scores where running states are kept per unit.
-        """
+        """The criterion's scores, -inf where pruned: per element, or per unit where states are kept so."""
         assert self._states is not None
-        per_unit = self._states.per_unit
         reduced = any(spec.reduce is not None for spec in self.criterion.states.values())
         group = process_group() if reduced else None
         scores = [
             self.criterion.score(self._states.reduced(view, group), weight, weight.grad)
             for view, weight in zip(self._views, self._targets.values())
         ]
-        # Arithmetic on 0/1 factors: masked_fill_ with a scattered mask is ~30x slower on CPU.
-        for i, (score, mask) in enumerate(zip(scores, self._masks.values())):
-            score.nan_to_num_(nan=0.0, posinf=_FLOAT32_MAX, neginf=-math.inf)  # kept scores become finite
-            if per_unit:
-                if all_kept(mask):
-                    continue
-                kept, view = self.pattern.unit_scores(mask.float()).floor_(), None  # 1: unit wholly kept, else 0
-            elif self._multipliers:
-                kept, view = self._multipliers[i], self._unit_views[i]
-                if view is not None and not score.is_contiguous():
-                    kept, view = kept.expand(view).reshape(score.shape), None
-            else:
-                continue
-            (score if view is None else score.view(view)).div_(kept)  # kept: same; pruned: ±inf or NaN
-            score.nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-        return scores
+        masks = list(self._masks.values())
+        return pruned_first(scores, masks, self.pattern, self._states.per_unit, self._multipliers, self._unit_views)
 
     def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
-        """Element masks (True = pruned) of the pattern's units that reach ``sparsity``, pruned ones first.
-
-        ``scores`` are those of :meth:`_current_scores`: per element, or per unit if kept so.
-        """
+        """Element masks (True = pruned) of the units that reach ``sparsity``, from :meth:`_current_scores`."""
         assert self._states is not None
-        if self._states.per_unit:
-            units = scores
-            scores = [torch.empty(p.shape, device="meta") for p in self._targets.values()]  # shapes, for expand
-        else:
-            units = [self.pattern.unit_scores(s) for s in scores]
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
-        picks = select(
-            units,
-            [self.pattern.unit_sizes(tuple(s.shape)) for s in scores],
-            [s.numel() for s in scores],
+        return plan(
+            scores,
+            [tuple(p.shape) for p in self._targets.values()],
+            self.pattern,
+            self._states.per_unit,
             sparsity,
             self.scope,
             min_sparsity=self.min_sparsity_per_layer * scale,
             max_sparsity=self.max_sparsity_per_layer,
         )
-        # A unit holding a pruned weight is always taken whole, even where the budget's rounding would stop
-        # just before it: masks stay monotone and made of whole units.
-        return [self.pattern.expand(pick | (u == -math.inf), s) for pick, u, s in zip(picks, units, scores)]
 
     def _unit_pattern(self) -> Pattern | None:
         return self.pattern
