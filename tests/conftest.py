@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune.criteria import Criterion, StateSpec
 
 
 class TinyModule(pl.LightningModule):
@@ -54,6 +56,32 @@ OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
     "adafactor": lambda p, lr: torch.optim.Adafactor(p, lr=lr / 10),
     "sgd-subclass": lambda p, lr: MomentumSGD(p, lr=lr, momentum=0.9, weight_decay=0.1),
 }
+
+
+class InputNorms(Criterion):
+    """An activation-aware criterion in the style of Wanda (Sun et al. 2024, arXiv:2306.11695):
+    score = |W| · ‖X_j‖₂ per input column j, the norms gathered by forward hooks on the targets' modules."""
+
+    states = {"sq_norms": StateSpec("inputs", reduce="sum")}  # noqa: RUF012
+
+    def setup(self, targets: Sequence) -> None:
+        self.hooks = [t.module.register_forward_pre_hook(self._collect(t)) for t in targets]
+
+    @staticmethod
+    def _collect(target):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if target.collecting and module.training:
+                x = args[0].detach().float()
+                target.state["sq_norms"].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
+
+        return hook
+
+    def teardown(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
+        return weight.detach().float().abs() * state["sq_norms"].sqrt()
 
 
 def mlp() -> nn.Module:

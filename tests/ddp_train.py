@@ -22,7 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import make_loader, make_module
+from conftest import InputNorms, make_loader, make_module
 
 from lightning_prune import Pruning
 from lightning_prune.schedules import Iterative
@@ -61,7 +61,8 @@ def fit(out: Path, strategy: str, pattern: str, criterion: str) -> tuple[float, 
     """Train 8 steps on two processes; returns the target sparsity and the callback."""
     module = make_module("mlp", "adamw")
     target = 0.5 if ":" in pattern else 0.7
-    cb = Pruning(target, pattern, criterion, schedule=Iterative(start_step=0, end_step=6, frequency=2))
+    chosen = InputNorms() if criterion == "input_norms" else criterion  # a state summed across ranks
+    cb = Pruning(target, pattern, chosen, schedule=Iterative(start_step=0, end_step=6, frequency=2))
     trainer = pl.Trainer(
         max_steps=8,
         accelerator="cpu",

@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from collections.abc import Sequence
 
 import pytest
 import torch
-from conftest import make_loader, make_module, make_trainer
+from conftest import InputNorms, make_loader, make_module, make_trainer
 from torch import Tensor, nn
 
 from lightning_prune import Pruner, Pruning
-from lightning_prune.criteria import Criterion, StateSpec
 from lightning_prune.engine import MaskLock, ProgressivePruner
 from lightning_prune.regularization import GroupLassoStep
 from lightning_prune.schedules import Iterative, OneShot
@@ -176,32 +174,6 @@ def test_binding_errors_leave_the_model_and_the_pruner_untouched():
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items()), "the model was modified"
     assert all(torch.equal(masks[k], v) for k, v in pruner.masks.items()), "the pruner was modified"
     assert pruner.targets["net.0.weight"] is module.net[0].weight
-
-
-class InputNorms(Criterion):
-    """An activation-aware criterion in the style of Wanda (Sun et al. 2024, arXiv:2306.11695):
-    score = |W| · ‖X_j‖₂ per input column j, the norms gathered by forward hooks on the targets' modules."""
-
-    states = {"sq_norms": StateSpec("inputs", reduce="sum")}  # noqa: RUF012
-
-    def setup(self, targets: Sequence) -> None:
-        self.hooks = [t.module.register_forward_pre_hook(self._collect(t)) for t in targets]
-
-    @staticmethod
-    def _collect(target):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if target.collecting and module.training:
-                x = args[0].detach().float()
-                target.state["sq_norms"].add_(x.reshape(-1, x.shape[-1]).square().sum(0))
-
-        return hook
-
-    def teardown(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-
-    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
-        return weight.detach().float().abs() * state["sq_norms"].sqrt()
 
 
 def test_an_activation_aware_criterion_fits_the_extension_points():

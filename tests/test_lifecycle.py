@@ -112,12 +112,13 @@ def test_resuming_under_another_configuration_is_refused_naming_what_differs(tmp
     assert resumed.trainer.global_step == 6, "refused before any step"
 
 
-def test_two_pruning_callbacks_over_the_same_weights_are_refused_by_name():
+@pytest.mark.parametrize("second", ["2:4", "4x1"], ids=["other-pattern", "same-settings"])
+def test_two_pruning_callbacks_over_the_same_weights_are_refused_by_name(second):
     module = make_module()
     before = copy.deepcopy(module.state_dict())
     a = Pruning(0.5, "4x1", schedule=OneShot(0))
-    b = Pruning(0.5, "2:4", schedule=OneShot(0))
-    assert a.state_key != b.state_key
+    b = Pruning(0.5, second, schedule=OneShot(0))
+    assert a.state_key != b.state_key, "Lightning accepts both into one Trainer"
     with pytest.raises(ValueError, match=r"Pruning and Pruning both claim \['net.0.weight', 'net.2.weight'"):
         make_trainer([a, b]).fit(module, make_loader(module))
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())

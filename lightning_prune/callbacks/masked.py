@@ -7,9 +7,11 @@ checkpoints (and, under ``ddp_spawn``, back to the launching process).
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import uuid
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ def _check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
+# Callbacks that have a state key and have not finished a fit, by the key their settings give: to tell apart
+# two with the very same settings in one Trainer.
+_LIVE: dict[str, weakref.WeakSet[MaskedWeights]] = {}
+
+
 class FromEngine:
     """A read-only attribute of a callback that reads its engine's attribute of the same name."""
 
@@ -72,6 +79,7 @@ class MaskedWeights(Callback):
     def __init__(self, engine: MaskKeeper, verbose: bool = True) -> None:
         self.engine = engine
         self.verbose = verbose
+        self._key: str | None = None  # state_key, fixed at its first use
         self._pending: dict[str, Any] | None = None  # state restored from a checkpoint, bound at train start
         # ddp_spawn/ddp_fork train in child processes: rank zero hands its state back through this file.
         self._launcher = os.getpid()
@@ -86,9 +94,20 @@ class MaskedWeights(Callback):
     def state_key(self) -> str:
         """Identifies this callback's state in checkpoints: its class and everything that defines its run.
 
-        Two callbacks that differ in anything coexist (and clash only if they claim the same weights).
+        Callbacks that differ in anything get different keys. A callback with the very same settings as one
+        that has not finished its ``fit`` yet gets ``#2`` appended, so that Lightning lets both into one
+        Trainer and this library can say which weights they both claim. Checkpoints are matched by class
+        and weights, not by key alone (see :meth:`on_load_checkpoint`), so a suffix never gets in the way of
+        a resume.
         """
-        return self._generate_state_key(**self._identity())
+        if self._key is None:
+            base = self._generate_state_key(**self._identity())
+            live = _LIVE.setdefault(base, weakref.WeakSet())
+            taken = {other._key for other in live}
+            keys = itertools.chain([base], (f"{base}#{i}" for i in itertools.count(2)))
+            self._key = next(k for k in keys if k not in taken)
+            live.add(self)
+        return self._key
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
@@ -131,7 +150,7 @@ class MaskedWeights(Callback):
         prefix = f"{type(self).__qualname__}{{"
         for key, state in states.items():
             if key.startswith(prefix) and isinstance(state, Mapping) and ours & set(state.get("masks", {})):
-                self._pending = dict(state)
+                states[self.state_key] = states.pop(key)  # Lightning then hands it to load_state_dict
                 return
 
     @override
@@ -167,6 +186,17 @@ class MaskedWeights(Callback):
     ) -> None:
         """After an optimizer step: pruned weights back to zero where the optimizer may have moved them."""
         self.engine.after_optimizer_step()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Let a later callback with the same settings take this one's state key."""
+        for live in _LIVE.values():
+            live.discard(self)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit that failed is over too (Lightning calls no ``teardown`` then)."""
+        self.teardown(trainer, pl_module, "fit")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
