@@ -42,6 +42,10 @@ class Event:
         scheduled: the sparsity it was scheduled to reach (the masks reach it up to one unit;
             :meth:`Pruner.sparsity` counts them).
         last: whether it was the schedule's last event.
+
+    Example:
+        >>> Event(step=10, index=1, scheduled=0.4, last=False).scheduled
+        0.4
     """
 
     step: int

@@ -32,6 +32,11 @@ class Target:
         fqn: the weight's name, as in ``named_parameters()``.
         module: the module that holds it (register forward hooks here; fetch the weight from it by name).
         state: the criterion's running states for this weight, by name; filled in place for the window.
+
+    Example:
+        >>> target = Target("0.weight", nn.Linear(2, 2), window=lambda: True)
+        >>> target.collecting  # no state allocated yet
+        False
     """
 
     def __init__(self, fqn: str, module: nn.Module, window: Callable[[], bool]) -> None:
@@ -56,6 +61,17 @@ class TargetStates:
         criterion: whose ``states`` are kept.
         pattern: the pruning pattern (for per-unit states and whole-unit row slices).
         per_unit: keep ``"weight"``-shaped states per unit of ``pattern``.
+
+    Example:
+        >>> from lightning_prune.criteria import SnipMomentum
+        >>> from lightning_prune.patterns import parse_pattern
+        >>> states = TargetStates(SnipMomentum(), parse_pattern("4x1"), per_unit=True)
+        >>> target, weight = Target("w", nn.Identity(), lambda: True), torch.ones(8, 3)
+        >>> states.allocate([target], [weight])
+        >>> states.update([target], [weight], [torch.ones(8, 3)])
+        >>> target.state["score"]
+        tensor([[0.9000, 0.9000, 0.9000],
+                [0.9000, 0.9000, 0.9000]])
     """
 
     def __init__(self, criterion: Criterion, pattern: Pattern, per_unit: bool) -> None:

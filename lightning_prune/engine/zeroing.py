@@ -76,6 +76,12 @@ def owning_optimizer(
 
     Raises:
         ValueError: the targets are split across optimizers, or no optimizer steps them.
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> first, second = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+        >>> owning_optimizer([first, second], {"weight": a.weight}) is first
+        True
     """
     if len(optimizers) < 2:
         return None
