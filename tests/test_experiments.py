@@ -427,26 +427,17 @@ def test_derived_schedules_are_valid_for_every_budget(tmp_path, steps, pattern):
         assert 0 <= schedule.start <= schedule.end < steps
 
 
-def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
+def train_script(*overrides: str) -> subprocess.CompletedProcess:
+    """``experiments/train.py`` as a user runs it, in a subprocess (bounded: a DDP job must not hang)."""
     script = Path(__file__).resolve().parent.parent / "experiments" / "train.py"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "-m",
-            "pattern=2in4",
-            "pruner.target_sparsity=0.7,0.5",
-            "steps=4",
-            "data.subset=64",
-            "dense=skip",
-            "plots=false",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = subprocess.run([sys.executable, str(script), *overrides], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
+    tiny_sweep = ["steps=4", "data.subset=64", "dense=skip", "plots=false", f"hydra.sweep.dir={tmp_path}"]
+    train_script("-m", "pattern=2in4", "pruner.target_sparsity=0.7,0.5", *tiny_sweep)
     report = (tmp_path / "report.md").read_text()
     assert "| 0 (pattern=2in4 pruner.target_sparsity=0.7 " in report
     assert "| failed: ValueError: target_sparsity 0.7 is above what pattern '2:4' can reach (0.5)" in report
@@ -455,22 +446,8 @@ def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_under_ddp_rank_zero_alone_reports_and_writes(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "experiments" / "train.py"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "+trainer.strategy=ddp",
-            "trainer.devices=2",
-            "steps=4",
-            "data.subset=64",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = ["+trainer.strategy=ddp", "trainer.devices=2"]
+    done = train_script(*ddp, "steps=4", "data.subset=64", f"hydra.run.dir={tmp_path}")
     assert done.stdout.count("pruned accuracy") == 1 and done.stdout.count("results: ") == 1, done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["sparsity"] == pytest.approx(0.8, abs=0.01) and len(results["layers"]) == 10

@@ -123,8 +123,9 @@ class MaskKeeper:
                 configuration or does not fit them. Nothing is changed then.
         """
         targets = self.check(model)
-        if state is None:
-            state, self._pending = self._pending, None
+        pending = state is None and self._pending is not None
+        if pending:
+            state = self._pending
         carried = bool(self._masks) and {f: tuple(m.shape) for f, m in self._masks.items()} == {
             f: tuple(p.shape) for f, p in targets.items()
         }
@@ -137,6 +138,8 @@ class MaskKeeper:
         except Exception:
             self._model, self._targets, self._masks = before
             raise
+        if pending:
+            self._pending = None
         self._multipliers, self._unit_views, self._coupled = [], [], []
         self._masks_changed()
 

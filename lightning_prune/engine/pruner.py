@@ -293,17 +293,20 @@ class Pruner(MaskKeeper):
 
     def _adopt(self, model: nn.Module, state: Mapping[str, Any] | None, carried: bool) -> None:
         """Masks, running states and the schedule position: restored, carried over, or fresh."""
-        self._teardown_criterion()
         states = TargetStates(self.criterion, self.pattern, self._per_unit())
         modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in self._targets}
         views = [Target(fqn, modules[fqn], self._collecting) for fqn in self._targets]
         weights = list(self._targets.values())
-        if state is not None:
+        if state is not None:  # everything that can refuse the state, before anything changes
             masks = self._checked_masks(state["masks"])
             saved = state.get("states", state.get("scores"))
             restored = None
             if saved is not None:
                 restored = [states.restore(v.fqn, saved[v.fqn], w) for v, w in zip(views, weights)]
+        self._teardown_criterion()
+        if self._coupling is not None and self._coupling.watching:
+            self._coupling.stop()  # hooks of an earlier binding that never saw a step
+        if state is not None:
             self._masks, self._last_event = masks, int(state["last_event"])
             for view, values in zip(views, restored or []):
                 view.state.update(values)
