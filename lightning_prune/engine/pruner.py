@@ -348,8 +348,13 @@ class Pruner(MaskKeeper):
         events are left.
         """
         self._teardown_criterion()
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """End the coupling watch (after the first forward pass): the coupled parameters join the zero keeping."""
         if self._coupling is not None and self._coupling.watching:
             self._coupled = self._coupling.stop()
+            self._masks_changed()
 
     # ------------------------------------------------------------------ the training step
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> Event | None:
@@ -363,9 +368,7 @@ class Pruner(MaskKeeper):
         """
         if not self._targets:
             raise RuntimeError("the Pruner has no model yet: pass one to Pruner(...) or call bind(model) first")
-        if self._coupling is not None and self._coupling.watching:
-            self._coupled = self._coupling.stop()
-            self._masks_changed()
+        self._stop_watching()
         event = None
         if not (self.skip_nonfinite and not self._gradients_finite()):
             event = self._advance(step)
