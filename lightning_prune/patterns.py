@@ -101,12 +101,44 @@ class Pattern(ABC):
         """
         return None
 
+    def shard_units(
+        self, shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+        """Where the units of a shard (a box of a weight of ``shape``) sit among the weight's units.
+
+        Returns ``(grid, unit_offset, partial)``: the shape of the whole weight's unit scores, the position of
+        the shard's unit scores in it, and whether those are partial (a unit runs past the shard along a
+        dimension that is summed over, as a channel does; partial sums then need adding up across shards).
+        None if a unit straddles the shard's edge in a way sums cannot mend (e.g. a 4x1 block cut at row 13).
+
+        Example:
+            >>> Unstructured().shard_units((26, 5), (13, 0), (13, 5))
+            ((26, 5), (13, 0), False)
+        """
+        return tuple(shape), tuple(offset), False
+
     def conforms(self, mask: Tensor) -> bool:
         """Whether a keep-mask (True = kept) is made of whole units of this pattern."""
         pruned = ~mask
         scores = torch.where(pruned, -1.0, 0.0)
         units = self.unit_scores(scores) < 0
         return bool(torch.equal(self.expand(units, scores), pruned))
+
+
+def _matrix_box(
+    shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
+    """``(row, rows, col, cols)`` of a shard in the :func:`as_matrix` view; None if it is no box there."""
+    if len(shape) == 2:
+        return offset[0], local_shape[0], offset[1], local_shape[1]
+    if tuple(local_shape[1:]) != tuple(shape[1:]):  # a convolution cut along input channels or kernel
+        return None
+    return offset[0], local_shape[0], 0, math.prod(shape[1:])
+
+
+def _aligned(start: int, length: int, end: int, unit: int) -> bool:
+    """Whether ``[start, start + length)`` of ``[0, end)`` holds whole units of ``unit`` (edge units cut)."""
+    return length == 0 or (start % unit == 0 and (length % unit == 0 or start + length == end))
 
 
 class Unstructured(Pattern):
@@ -208,6 +240,17 @@ class Block(Pattern):
             return None  # blocks would straddle kernel positions or be cut at the edge
         return (*rows, cin // self.cols, self.cols, *kernel), (1, 3)
 
+    def shard_units(
+        self, shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+        """Blocks stay whole in a shard whose rows and columns start and end on block edges."""
+        box = _matrix_box(shape, offset, local_shape)
+        rows, cols = shape[0], math.prod(shape[1:])
+        if box is None or not (_aligned(box[0], box[1], rows, self.rows) and _aligned(box[2], box[3], cols, self.cols)):
+            return None
+        grid = (math.ceil(rows / self.rows), math.ceil(cols / self.cols))
+        return grid, (box[0] // self.rows, box[2] // self.cols), False
+
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Repeat each block decision over its elements, cropping partial blocks."""
         m = as_matrix(scores)
@@ -260,6 +303,13 @@ class Channel(Pattern):
             ((8, 3, 3, 3), (1, 2, 3))
         """
         return tuple(shape), tuple(d for d in range(len(shape)) if d != self._dim)
+
+    def shard_units(
+        self, shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+        """A shard holds its slice of channels; cut along any other dimension, its channel scores are partial."""
+        partial = any(n != full for d, (n, full) in enumerate(zip(local_shape, shape)) if d != self._dim)
+        return (shape[self._dim],), (offset[self._dim],), partial
 
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Broadcast each channel decision over the channel."""
@@ -326,6 +376,16 @@ class NM(Pattern):
         sizes = torch.full((shape[0], math.ceil(c / self.m)), self.n, dtype=torch.int64)
         sizes[:, -1] = self.n * (c % self.m) // self.m
         return sizes
+
+    def shard_units(
+        self, shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+        """Groups stay whole in a shard whose columns start and end on group edges."""
+        box = _matrix_box(shape, offset, local_shape)
+        cols = math.prod(shape[1:])
+        if box is None or not _aligned(box[2], box[3], cols, self.m):
+            return None
+        return (shape[0], math.ceil(cols / self.m)), (box[0], box[2] // self.m), False
 
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
         """Mark the lowest-scored weights of each pruned group."""

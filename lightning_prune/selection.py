@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["SCOPES", "count_pruned", "prune_lowest", "select"]
+from lightning_prune.sharding import all_reduce_ints, ravel
+
+__all__ = ["SCOPES", "UnitShard", "count_pruned", "prune_lowest", "select"]
 
 SCOPES = ("global", "local")
 _DIRECT = 1 << 16  # up to this many units, all of them form one bracket (no sample)
@@ -30,6 +32,25 @@ def _sample_size(n_units: int) -> int:
     # (+-6 sigma of the sample rank), resolved by one more k-th value search and a few passes (~25 ns per
     # unit). The two balance near S = (3n)^(2/3), e.g. 21k samples for 1M units; measured best among 1..24.
     return max(_MIN_SAMPLE, min(1 << 21, round((3 * n_units) ** (2 / 3))))
+
+
+class UnitShard(NamedTuple):
+    """Where one process's unit scores of a tensor sit among all of that tensor's units (under sharding).
+
+    Attributes:
+        owner: this process counts these units; other processes holding the same units (replicas) only
+            receive the decision.
+        grid: the shape of the tensor's unit scores over all processes.
+        offset: the position of this process's unit scores in ``grid``.
+
+    Example:
+        >>> UnitShard(True, (26, 5), (13, 0)).offset
+        (13, 0)
+    """
+
+    owner: bool
+    grid: tuple[int, ...]
+    offset: tuple[int, ...]
 
 
 def count_pruned(pruned: Tensor, size: int | Tensor) -> int:
@@ -57,8 +78,32 @@ def _gather(t: Tensor, group: Any) -> list[Tensor]:
     if group is None:
         return [t]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, t.cpu())
+    dist.all_gather_object(out, t.cpu(), group=group)
     return [o.to(t.device) for o in out]
+
+
+def _keys(
+    inside: Sequence[Tensor], shapes: Sequence[tuple[int, ...]], shards: Sequence[UnitShard] | None, group: Any
+) -> list[Tensor]:
+    """A key per candidate that orders all processes' candidates as (tensor, position) in one tensor would.
+
+    Without ``shards`` each process's tensors are distinct ones, ordered by rank: the key is the candidate's
+    index in the concatenation of all processes' tensors.
+    """
+    if shards is None:
+        numels = [math.prod(shape) for shape in shapes]
+        before = 0
+        if group is not None:
+            every = torch.cat(_gather(torch.tensor([sum(numels)], dtype=torch.int64), group))
+            before = int(every[: dist.get_rank(group)].sum())
+        starts = torch.tensor([0, *numels], dtype=torch.int64).cumsum(0)[:-1] + before
+        return [i + int(start) for i, start in zip(inside, starts)]
+    bases = torch.tensor([0, *(math.prod(s.grid) for s in shards)], dtype=torch.int64).cumsum(0)[:-1]
+    local_shapes = [tuple(shape) for shape in shapes]
+    return [
+        ravel(i, s.offset, shape, s.grid) + int(base)
+        for i, s, shape, base in zip(inside, shards, local_shapes, bases)
+    ]
 
 
 def _bracket(
@@ -76,6 +121,8 @@ def _bracket(
     generator = torch.Generator().manual_seed(0)
     values = []
     for f, total in zip(flat, totals):
+        if not f.numel():  # an empty shard (or one another process counts) has nothing to sample
+            continue
         k = max(1, round(samples * total / grand))
         index = torch.randint(f.numel(), (k,), generator=generator).to(f.device)
         values.append(f[index].float())
@@ -155,7 +202,12 @@ def _take(values: Tensor, sizes: Tensor, budget: int, nearest: bool) -> Tensor:
 
 
 def prune_lowest(
-    scores: Sequence[Tensor], sizes: Sequence[int | Tensor], budget: int, nearest: bool = False, group: Any = None
+    scores: Sequence[Tensor],
+    sizes: Sequence[int | Tensor],
+    budget: int,
+    nearest: bool = False,
+    group: Any = None,
+    shards: Sequence[UnitShard] | None = None,
 ) -> list[Tensor]:
     """Prune the lowest-scored units of several tensors, ``budget`` elements in all.
 
@@ -170,6 +222,9 @@ def prune_lowest(
         group: a ``torch.distributed`` process group whose processes each hold some of the tensors (as under
             sharding); counts are all-reduced and only the small bracket is gathered, so every process gets
             its share of the one selection over all tensors, ordered (score, rank, tensor, position).
+        shards: with ``group``: every process passes the same tensors, each its own shard of their units
+            (:class:`UnitShard`); the order is then (score, tensor, position in the whole tensor), exactly
+            as one process holding the whole tensors would select.
 
     Returns:
         One bool tensor per input (True = prune), shaped like its scores.
@@ -182,12 +237,15 @@ def prune_lowest(
     flat_sizes = [z if isinstance(z, int) else z.reshape(-1).to(f.device) for f, z in zip(flat, sizes)]
     if budget <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    if budget >= _sum(sum(_total(f, z) for f, z in zip(flat, flat_sizes)), group):
+    owned = [shards is None or group is None or s.owner for s in shards or [None] * len(flat)]  # type: ignore[union-attr]
+    counted = [f if own else f[:0] for f, own in zip(flat, owned)]  # what this process counts
+    counted_sizes = [z if isinstance(z, int) or own else z[:0] for z, own in zip(flat_sizes, owned)]
+    if budget >= _sum(sum(_total(f, z) for f, z in zip(counted, counted_sizes)), group):
         return [~torch.isnan(s) for s in scores]
-    if _sum(sum(f.numel() for f in flat), group) <= _DIRECT:
+    if _sum(sum(f.numel() for f in counted), group) <= _DIRECT:
         sample, lo_rank, hi_rank = torch.empty(0), -1, 0
     else:
-        sample, lo_rank, hi_rank = _bracket(flat, flat_sizes, budget, group)
+        sample, lo_rank, hi_rank = _bracket(counted, counted_sizes, budget, group)
     # Units scored -inf (already pruned, for the callbacks) come first in the order; while they all fit the
     # budget they count as below the bracket rather than inside it, which would otherwise hold all of them.
     floor_below = True
@@ -195,10 +253,10 @@ def prune_lowest(
         lo, hi = _value_at(sample, lo_rank), _value_at(sample, hi_rank)
         floor = floor_below and lo == -math.inf
         below, inside, below_count = [], [], 0
-        for f, z in zip(flat, flat_sizes):  # one pass per tensor while it is in cache
+        for f, z, own in zip(flat, flat_sizes, owned):  # one pass per tensor while it is in cache
             b = f <= lo if floor else f < lo
             below.append(b)
-            below_count += count_pruned(b, z)
+            below_count += count_pruned(b, z) if own else 0
             inside.append(torch.logical_xor(f <= hi, b).nonzero().squeeze(1))  # lo <= f <= hi, less the floor
         below_count = _sum(below_count, group)
         if below_count > budget:  # the threshold lies under the bracket: widen it downwards
@@ -211,25 +269,34 @@ def prune_lowest(
             torch.full((i.numel(),), z, dtype=torch.int64, device=i.device) if isinstance(z, int) else z[i]
             for i, z in zip(inside, flat_sizes)
         ]
-        inside_total = _sum(sum(int(s.sum()) for s in inside_sizes), group)
+        inside_total = _sum(sum(int(s.sum()) for s, own in zip(inside_sizes, owned) if own), group)
         if hi != math.inf and below_count + inside_total <= budget:
             hi_rank = hi_rank + 4 * (hi_rank - lo_rank)  # the threshold lies above the bracket
             continue
         break
-    # Resolve inside the bracket, in (score, tensor, position) order: the bracket's values are concatenated
-    # in (tensor, position) order, so ties keep that order.
+    # Resolve inside the bracket in (score, tensor, position) order: candidates are ordered by their keys,
+    # then stably by value, so that ties keep that order.
     device = flat[0].device if flat else torch.device("cpu")
-    local_values = torch.cat([f[i].float() for f, i in zip(flat, inside)]) if flat else torch.empty(0)
-    local_sizes = torch.cat(inside_sizes) if inside_sizes else torch.empty(0, dtype=torch.int64)
-    all_values, all_sizes = _gather(local_values, group), _gather(local_sizes, group)
-    offset = sum(v.numel() for v in all_values[: dist.get_rank(group) if group is not None else 0])
-    values = torch.cat(all_values).to(device)
-    sizes_inside = torch.cat(all_sizes).to(device)
-    taken = _take(values, sizes_inside, budget - below_count, nearest)
-    taken = taken[offset : offset + local_values.numel()]
-    for mask, index, take in zip(below, inside, taken.split([i.numel() for i in inside])):
-        mask[index[take]] = True
+    keys = _keys(inside, [s.shape for s in scores], shards if group is not None else None, group)
+    local_values = _cat([f[i].float() for f, i, own in zip(flat, inside, owned) if own], torch.float32)
+    local_sizes = _cat([z for z, own in zip(inside_sizes, owned) if own], torch.int64)
+    local_keys = _cat([k for k, own in zip(keys, owned) if own], torch.int64)
+    values = torch.cat(_gather(local_values, group)).to(device)
+    all_sizes = torch.cat(_gather(local_sizes, group)).to(device)
+    all_keys = torch.cat(_gather(local_keys, group)).to(device)
+    order = torch.argsort(all_keys)
+    taken = _take(values[order], all_sizes[order], budget - below_count, nearest)
+    taken_keys = all_keys[order][taken]  # ascending
+    for mask, index, key in zip(below, inside, keys):
+        if not index.numel() or not taken_keys.numel():
+            continue
+        at = torch.searchsorted(taken_keys, key).clamp_(max=taken_keys.numel() - 1)
+        mask[index[taken_keys[at] == key]] = True
     return [m.reshape(s.shape) for m, s in zip(below, scores)]
+
+
+def _cat(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat(tensors) if tensors else torch.empty(0, dtype=dtype)
 
 
 def _layer_budget(sparsity: float, numel: int) -> int:
@@ -244,6 +311,8 @@ def select(
     scope: str = "global",
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    group: Any = None,
+    shards: Sequence[UnitShard] | None = None,
 ) -> list[Tensor]:
     """Units to prune so that the targets reach ``sparsity``.
 
@@ -251,29 +320,46 @@ def select(
     the budget counted in elements; every layer stays within ``[min_sparsity, max_sparsity]``, enforced by
     fixing violating layers at their bound and re-ranking the rest (exact water-filling).
 
+    With ``group`` and ``shards`` (see :func:`prune_lowest`) every process passes its shards of the same
+    layers and ``numels`` counts whole layers; every count is all-reduced, so that all processes take the
+    same decisions and together select what one process would.
+
     Example:
         >>> select([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], [1, 1], [2, 2], 0.5)
         [tensor([True, True]), tensor([False, False])]
     """
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+    if group is None:
+        shards = None
+    split = [None] * len(scores) if shards is None else [[shard] for shard in shards]
     if scope == "local":
-        return [prune_lowest([s], [z], _layer_budget(sparsity, n), True)[0] for s, z, n in zip(scores, sizes, numels)]
+        return [
+            prune_lowest([s], [z], _layer_budget(sparsity, n), True, group, part)[0]
+            for s, z, n, part in zip(scores, sizes, numels, split)
+        ]
+    owned = [True] * len(scores) if shards is None else [shard.owner for shard in shards]
+
+    def counts(picks: dict[int, Tensor]) -> dict[int, int]:
+        local = [count_pruned(pick, sizes[i]) if owned[i] else 0 for i, pick in picks.items()]
+        return dict(zip(picks, all_reduce_ints(local, group)))
+
     budget = _layer_budget(sparsity, sum(numels))
     fixed: dict[int, Tensor] = {}
+    spent = 0
     while True:
         pool = [i for i in range(len(scores)) if i not in fixed]
-        spent = sum(count_pruned(fixed[i], sizes[i]) for i in fixed)
         pool_scores, pool_sizes = [scores[i] for i in pool], [sizes[i] for i in pool]
-        picks = dict(zip(pool, prune_lowest(pool_scores, pool_sizes, budget - spent, nearest=True)))
+        pool_shards = None if shards is None else [shards[i] for i in pool]
+        picks = dict(zip(pool, prune_lowest(pool_scores, pool_sizes, budget - spent, True, group, pool_shards)))
         violations: dict[int, Tensor] = {}
-        for i, pick in picks.items():
-            pruned = count_pruned(pick, sizes[i])
+        for i, pruned in counts(picks).items():
             upper = math.floor(max_sparsity * numels[i] + 1e-9)
             lower = math.ceil(min_sparsity * numels[i] - 1e-9)
             if pruned > upper or pruned < lower:
                 bound = upper if pruned > upper else lower
-                violations[i] = prune_lowest([scores[i]], [sizes[i]], bound)[0]
+                violations[i] = prune_lowest([scores[i]], [sizes[i]], bound, False, group, split[i])[0]
         if not violations:
             return [fixed[i] if i in fixed else picks[i] for i in range(len(scores))]
         fixed.update(violations)
+        spent = sum(counts(fixed).values())

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.sharding import local
+
 __all__ = ["Coupling"]
 
 
@@ -32,6 +34,7 @@ class Coupling:
     """
 
     def __init__(self, model: nn.Module, targets: Mapping[str, nn.Parameter]) -> None:
+        self._model = model
         names = {id(m): n for n, m in model.named_modules()}
         rows = {fqn: p.shape[0] for fqn, p in targets.items()}
         produced: dict[int, str] = {}  # id of an output tensor -> the target that produced it
@@ -75,4 +78,6 @@ class Coupling:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        return [(param, fqn, torch.ones_like(param)) for fqn, params in self.found.items() for _, param in params]
+        # Re-fetched by name: inside a forward pass a sharded model (FSDP2) shows unsharded temporaries.
+        coupled = [(self._model.get_parameter(name), fqn) for fqn, params in self.found.items() for name, _ in params]
+        return [(param, fqn, torch.ones_like(local(param.detach()))) for param, fqn in coupled]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_prune.engine.zeroing import ZERO_KEEPING, all_kept, multiply, unit_multiplier
 from lightning_prune.patterns import Pattern
 from lightning_prune.report import SparsityRow
+from lightning_prune.sharding import Box, all_reduce_ints, box_of, every_box, is_dtensor, local, placed, sharded_group
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
 __all__ = ["MaskKeeper"]
@@ -64,6 +65,11 @@ class MaskKeeper:
         # Parameters kept at zero along with the targets (a pruned filter's bias and norm entries), each with
         # the target whose mask decides it and its 0/1 multiplier.
         self._coupled: list[tuple[nn.Parameter, str, Tensor]] = []
+        # Sharded models (DTensor parameters): masks, multipliers and states hold this rank's box of each
+        # target; counts over the whole targets are all-reduced over `_group` whenever masks change.
+        self._group: Any = None
+        self._boxes: dict[str, Box] = {}
+        self._kept: dict[str, int] = {}  # kept weights per target, over all ranks (sharded only)
 
     # ------------------------------------------------------------------ public views
     @property
@@ -73,8 +79,14 @@ class MaskKeeper:
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Read-only mapping: parameter name → bool mask shaped like it, True = kept."""
-        return MappingProxyType(self._masks)
+        """Read-only mapping: parameter name → bool mask shaped like it, True = kept.
+
+        For a sharded parameter (a DTensor) the mask is a DTensor placed like it: each rank holds the mask
+        of its own shard.
+        """
+        if self._group is None:
+            return MappingProxyType(self._masks)
+        return MappingProxyType({fqn: placed(m, self._targets[fqn]) for fqn, m in self._masks.items()})
 
     @property
     def pattern_name(self) -> str:
@@ -82,21 +94,33 @@ class MaskKeeper:
         return ""
 
     def sparsity(self) -> float:
-        """Fraction of zeros over all targets, from the masks (0.0 before there are any)."""
-        total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(torch.count_nonzero(m)) for m in self._masks.values())
-        return 1.0 - kept / total if total else 0.0
+        """Fraction of zeros over all targets, from the masks (0.0 before there are any).
+
+        Sharded, it counts the whole targets over all ranks (the same value on every rank, read from counts
+        taken when the masks last changed: no communication here).
+        """
+        kept, total = self._counts()
+        return 1.0 - sum(kept.values()) / sum(total.values()) if sum(total.values()) else 0.0
 
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of zeros of each target, by name."""
-        return {fqn: 1.0 - int(torch.count_nonzero(m)) / max(m.numel(), 1) for fqn, m in self._masks.items()}
+        kept, total = self._counts()
+        return {fqn: 1.0 - kept[fqn] / max(total[fqn], 1) for fqn in kept}
 
     def report(self) -> list[SparsityRow]:
         """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
+        shapes = {fqn: tuple(p.shape) for fqn, p in self._targets.items()}
         return [
-            SparsityRow(fqn, tuple(self._masks[fqn].shape), self.pattern_name, value)
+            SparsityRow(fqn, shapes.get(fqn, tuple(self._masks[fqn].shape)), self.pattern_name, value)
             for fqn, value in self.layer_sparsity().items()
         ]
+
+    def _counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Kept and total weights of each target, over all ranks."""
+        if self._group is not None:
+            return dict(self._kept), {fqn: p.numel() for fqn, p in self._targets.items()}
+        kept = {fqn: int(torch.count_nonzero(m)) for fqn, m in self._masks.items()}
+        return kept, {fqn: m.numel() for fqn, m in self._masks.items()}
 
     def config(self) -> dict[str, Any]:
         """What defines this run, as stored in checkpoints and compared on resume."""
@@ -108,8 +132,30 @@ class MaskKeeper:
         targets = resolve_targets(model, self.op_types, self.include, self.exclude)
         for fqn, param in targets.items():
             self._check_target(fqn, param)
+        self._check_shards(targets)
         self._check_targets(targets)
         return targets
+
+    def _check_shards(self, targets: Mapping[str, nn.Parameter]) -> None:
+        """Raise, identically on every rank, if a shard of a target cuts the units of the pattern.
+
+        Every rank's shard is computed from the placement alone, so that all ranks see the same faults.
+        """
+        pattern = self._unit_pattern()
+        if pattern is None:
+            return
+        for fqn, param in targets.items():
+            if not is_dtensor(param):
+                continue
+            for rank, box in every_box(param):
+                if pattern.shard_units(box.shape, box.offset, box.local_shape) is None:
+                    raise ValueError(
+                        f"pattern '{pattern}' cannot prune '{fqn}' {tuple(param.shape)} as it is sharded "
+                        f"({', '.join(map(str, param.placements))} over {param.device_mesh.size()} ranks): the "
+                        f"shard {box.describe()} of rank {rank} cuts its units; choose sizes whose shards hold "
+                        "whole units (rows, or columns, per rank divisible by the block), exclude the layer, or "
+                        "use pattern 'unstructured' or '1xchannel'/'channelx1'"
+                    )
 
     def bind(self, model: nn.Module, state: Mapping[str, Any] | None = None) -> None:
         """Take the targets of ``model`` (its layers must exist) and set up masks; pruned weights are zeroed.
@@ -127,16 +173,18 @@ class MaskKeeper:
         if pending:
             state = self._pending
         carried = bool(self._masks) and {f: tuple(m.shape) for f, m in self._masks.items()} == {
-            f: tuple(p.shape) for f, p in targets.items()
+            f: tuple(local(p).shape) for f, p in targets.items()
         }
         if state is not None:
             self._check_config(state.get("config", {}), targets)
-        before = (self._model, self._targets, self._masks)
+        before = (self._model, self._targets, self._masks, self._group, self._boxes)
         self._model, self._targets = model, targets
+        self._group = sharded_group(list(targets.values()))
+        self._boxes = {fqn: box_of(p, self._group is not None) for fqn, p in targets.items()}
         try:
             self._adopt(model, state, carried)
         except Exception:
-            self._model, self._targets, self._masks = before
+            self._model, self._targets, self._masks, self._group, self._boxes = before
             raise
         if pending:
             self._pending = None
@@ -159,7 +207,7 @@ class MaskKeeper:
         """Masks and the configuration; a loaded state is returned as is until :meth:`bind` takes it."""
         if self._pending is not None:
             return self._pending
-        return {"masks": {fqn: m.cpu() for fqn, m in self._masks.items()}, "config": self.config()}
+        return {"masks": {fqn: m.cpu() for fqn, m in self.masks.items()}, "config": self.config()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state: at once if bound to a model, else at :meth:`bind`, when the model is final.
@@ -184,7 +232,7 @@ class MaskKeeper:
         if state is not None:
             self._masks = self._checked_masks(state["masks"])
         elif not carried:
-            self._masks = {fqn: torch.ones_like(p, dtype=torch.bool) for fqn, p in self._targets.items()}
+            self._masks = {fqn: torch.ones_like(local(p), dtype=torch.bool) for fqn, p in self._targets.items()}
         else:
             self._masks = {fqn: m.to(self._targets[fqn].device) for fqn, m in self._masks.items()}
 
@@ -201,7 +249,10 @@ class MaskKeeper:
             raise ValueError(f"the checkpoint was written under another pruning configuration ({detail})")
 
     def _checked_masks(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Saved masks, checked against the targets by name and shape, on the targets' devices."""
+        """Saved masks, checked against the targets by name and shape, on the targets' devices.
+
+        Sharded, each rank takes its box: of a DTensor mask placed like the target, or of a whole mask.
+        """
         if set(masks) != set(self._targets):
             raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
         checked = {}
@@ -211,14 +262,29 @@ class MaskKeeper:
                 raise ValueError(
                     f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
                 )
-            checked[fqn] = mask.to(device=param.device, dtype=torch.bool)
+            checked[fqn] = self._local_box(fqn, mask).to(device=param.device, dtype=torch.bool)
         return checked
 
+    def _local_box(self, fqn: str, whole: Tensor) -> Tensor:
+        """This rank's box of a tensor shaped like target ``fqn``: a DTensor's shard, or a slice of a whole one."""
+        box = self._boxes.get(fqn)
+        if is_dtensor(whole):
+            return local(whole)
+        if box is None or box.local_shape == box.shape:
+            return whole
+        return whole[tuple(slice(a, a + n) for a, n in zip(box.offset, box.local_shape))]
+
     def _masks_changed(self) -> None:
-        """Call after masks lost entries: refresh multipliers, zero the weights, re-check optimizer state."""
+        """Call after masks lost entries: refresh multipliers, zero the weights, re-check optimizer state.
+
+        Sharded, every rank calls it at the same point (it counts the masks over all ranks).
+        """
         self._refresh_multipliers()
         self._zero_weights()
         self._moments_cleared = None
+        if self._group is not None:
+            counted = [int(torch.count_nonzero(m)) if self._boxes[f].owner else 0 for f, m in self._masks.items()]
+            self._kept = dict(zip(self._masks, all_reduce_ints(counted, self._group)))
 
     def _refresh_multipliers(self) -> None:
         if not self._multipliers and all(all_kept(m) for m in self._masks.values()):
@@ -227,12 +293,13 @@ class MaskKeeper:
         old: list[Tensor | None] = [*self._multipliers] or [None] * len(self._masks)
         self._multipliers, self._unit_views = [], []
         for previous, param, mask in zip(old, self._targets.values(), self._masks.values()):
-            view, multiplier = unit_multiplier(pattern, param, mask)
+            shard = local(param.detach())
+            view, multiplier = unit_multiplier(pattern, shard, mask)
             if multiplier is None:  # per weight; reuse the previous buffer when it is one
-                if previous is not None and previous.shape == param.shape and previous.dtype == param.dtype:
+                if previous is not None and previous.shape == shard.shape and previous.dtype == shard.dtype:
                     multiplier = previous
                 else:
-                    multiplier = torch.empty_like(param)
+                    multiplier = torch.empty_like(shard)
                 multiplier.copy_(mask)
             self._multipliers.append(multiplier)
             self._unit_views.append(view)
@@ -250,12 +317,13 @@ class MaskKeeper:
     def _zero_weights(self) -> None:
         if self._multipliers:
             params, mults, views = self._pairs()
-            multiply([p.data for p in params], mults, views)
+            multiply([local(p.detach()) for p in params], mults, views)
 
+    @torch.no_grad()
     def _mask_gradients(self, optimizer: torch.optim.Optimizer | None) -> None:
         if not self._multipliers:
             return
-        triples = [(w.grad, m, v) for w, m, v in zip(*self._pairs()) if w.grad is not None]
+        triples = [(local(w.grad), m, v) for w, m, v in zip(*self._pairs()) if w.grad is not None]
         if triples:
             grads, mults, views = (list(x) for x in zip(*triples))
             multiply(grads, mults, views)
@@ -281,7 +349,7 @@ class MaskKeeper:
             for name in names:
                 moment = state.get(name)
                 if isinstance(moment, Tensor) and moment.shape == param.shape and moment.dtype == mult.dtype:
-                    moments.append(moment)
+                    moments.append(local(moment))
                     mults.append(mult)
                     moment_views.append(view)
                 elif moment is not None:

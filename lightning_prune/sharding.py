@@ -1,0 +1,201 @@
+"""Sharded parameters (``DTensor``, as FSDP2 ``fully_shard`` and tensor parallelism make them), seen from one rank.
+
+Every rank holds a box of each sharded weight: its local shard, at an offset in the full weight. The engine
+keeps masks, multipliers and running scores for that box only and works on ``to_local()`` views; anything
+that needs the whole weight (counts, selection) is an explicit collective that every rank calls.
+
+A box held by several ranks (a ``Replicate`` mesh dimension, or a plain tensor that tensor parallelism left
+out of its plan) is *counted* by one of them only, its owner, so that no weight counts twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Box", "all_reduce_ints", "box_of", "every_box", "is_dtensor", "local", "placed", "ravel", "sharded_group"]
+
+try:  # torch.distributed.tensor exists on every platform with distributed support
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a sharded or replicated tensor over a device mesh)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of ``t`` as a plain tensor sharing its storage (``t`` itself if it is not a DTensor).
+
+    Example:
+        >>> local(torch.ones(2)).shape
+        torch.Size([2])
+    """
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where this rank's shard of a weight sits in the full weight.
+
+    Attributes:
+        shape: the full weight's shape.
+        local_shape: the shard's shape (any size may be 0: an empty shard).
+        offset: the shard's first index along each dimension.
+        owner: this rank counts the box (the first of the ranks that hold the same box).
+        split: the dimensions of the weight that are split across ranks.
+
+    Example:
+        >>> Box((26, 5), (13, 5), (13, 0), True, (0,)).stop(0)
+        26
+    """
+
+    shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    owner: bool
+    split: tuple[int, ...]
+
+    def stop(self, dim: int) -> int:
+        """The index one past the shard's last along ``dim``."""
+        return self.offset[dim] + self.local_shape[dim]
+
+    def describe(self) -> str:
+        """The shard as slices, e.g. ``[13:26, 0:5]``, for error messages."""
+        return "[" + ", ".join(f"{a}:{a + n}" for a, n in zip(self.offset, self.local_shape)) + "]"
+
+
+def _local_shape_and_offset(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    # The one use of a private torch helper (SHARDING.md): correct for uneven, empty and 2-D placements.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple(shape), tuple(offset)
+
+
+def box_of(t: Tensor, sharded: bool) -> Box:
+    """The box this rank holds of ``t``.
+
+    Args:
+        t: a parameter, DTensor or plain.
+        sharded: whether the model is sharded at all; a plain tensor then is replicated on every rank and
+            owned by rank 0.
+
+    Example:
+        >>> box_of(torch.ones(4, 3), sharded=False)
+        Box(shape=(4, 3), local_shape=(4, 3), offset=(0, 0), owner=True, split=())
+    """
+    shape = tuple(t.shape)
+    if not is_dtensor(t):
+        owner = not sharded or dist.get_rank() == 0
+        return Box(shape, shape, (0,) * len(shape), owner, ())
+    local_shape, offset = _local_shape_and_offset(t)
+    coordinate = t.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+    owner = coordinate is not None
+    split: list[int] = []
+    for mesh_dim, placement in enumerate(t.placements):  # type: ignore[attr-defined]
+        if isinstance(placement, Shard):
+            dim = placement.dim % len(shape)
+            if dim not in split:
+                split.append(dim)
+        elif owner and coordinate[mesh_dim] != 0:  # Replicate (or Partial): the box repeats along this dim
+            owner = False
+    return Box(shape, local_shape, offset, owner, tuple(sorted(split)))
+
+
+def every_box(t: Tensor) -> list[tuple[int, Box]]:
+    """The box of ``t`` that each rank of its mesh holds, by global rank, computed here without communicating.
+
+    Example:
+        >>> every_box(torch.ones(2, 2))[0][1].local_shape
+        (2, 2)
+    """
+    if not is_dtensor(t):
+        return [(0, box_of(t, sharded=False))]
+    import itertools
+
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
+    ranks = mesh.mesh  # global rank at each coordinate
+    shape = tuple(t.shape)
+    split = tuple(sorted({p.dim % len(shape) for p in placements if isinstance(p, Shard)}))
+    out = []
+    for coordinate in itertools.product(*(range(n) for n in mesh.shape)):
+        local_shape, offset = _compute_local_shape_and_global_offset(shape, mesh.shape, list(coordinate), placements)
+        owner = all(c == 0 for c, p in zip(coordinate, placements) if not isinstance(p, Shard))
+        out.append((int(ranks[coordinate]), Box(shape, tuple(local_shape), tuple(offset), owner, split)))
+    return out
+
+
+def placed(t: Tensor, like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """``t``, a local shard, as a DTensor placed like ``like`` (of global ``shape``, default ``like``'s).
+
+    ``t`` itself when ``like`` is a plain tensor. No communication: every rank passes its own shard.
+
+    Example:
+        >>> placed(torch.ones(2), torch.zeros(2)).shape
+        torch.Size([2])
+    """
+    if not is_dtensor(like):
+        return t
+    shape = tuple(like.shape if shape is None else shape)
+    stride = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+    return DTensor.from_local(
+        t,
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
+
+
+def sharded_group(params: Sequence[Tensor]) -> Any:
+    """The process group that selection counts over: all ranks, if any of ``params`` is a DTensor; else None.
+
+    Example:
+        >>> sharded_group([torch.ones(2)]) is None
+        True
+    """
+    if any(is_dtensor(p) for p in params) and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def all_reduce_ints(values: Sequence[int], group: Any, op: str = "sum") -> list[int]:
+    """``values`` combined element-wise over ``group`` (themselves without a group): one collective.
+
+    Example:
+        >>> all_reduce_ints([1, 2], None)
+        [1, 2]
+    """
+    if group is None or not values:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t]
+
+
+def ravel(index: Tensor, offset: Sequence[int], local_shape: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """Flat positions in the full ``shape`` of flat positions ``index`` in a box at ``offset``.
+
+    Example:
+        >>> ravel(torch.tensor([0, 3]), (2, 0), (2, 3), (4, 3))
+        tensor([ 6, 9])
+    """
+    out = torch.zeros_like(index)
+    rest = index.clone()
+    for dim in range(len(shape) - 1, -1, -1):
+        size = max(int(local_shape[dim]), 1)
+        out += (rest % size + int(offset[dim])) * math.prod(int(s) for s in shape[dim + 1 :])
+        rest = rest // size
+    return out
