@@ -101,8 +101,7 @@ def _keys(
     bases = torch.tensor([0, *(math.prod(s.grid) for s in shards)], dtype=torch.int64).cumsum(0)[:-1]
     local_shapes = [tuple(shape) for shape in shapes]
     return [
-        ravel(i, s.offset, shape, s.grid) + int(base)
-        for i, s, shape, base in zip(inside, shards, local_shapes, bases)
+        ravel(i, s.offset, shape, s.grid) + int(base) for i, s, shape, base in zip(inside, shards, local_shapes, bases)
     ]
 
 

@@ -19,7 +19,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Box", "all_reduce_ints", "box_of", "every_box", "is_dtensor", "local", "placed", "ravel", "sharded_group"]
+__all__ = [
+    "Box",
+    "all_reduce_ints",
+    "box_of",
+    "every_box",
+    "is_dtensor",
+    "local",
+    "placed",
+    "ravel",
+    "sharded_group",
+    "template_like",
+]
 
 try:  # torch.distributed.tensor exists on every platform with distributed support
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -33,7 +44,7 @@ def is_dtensor(t: object) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """This rank's shard of ``t`` as a plain tensor sharing its storage (``t`` itself if it is not a DTensor).
+    """The shard of ``t`` on this rank, as a plain tensor sharing its storage (``t`` itself if it is not a DTensor).
 
     Example:
         >>> local(torch.ones(2)).shape
@@ -157,6 +168,23 @@ def placed(t: Tensor, like: Tensor, shape: Sequence[int] | None = None) -> Tenso
         shape=torch.Size(shape),
         stride=stride,
     )
+
+
+def template_like(like: Tensor | None, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An empty tensor of global ``shape`` placed like ``like`` (standard chunks), to load a saved shard into.
+
+    A plain tensor when ``like`` is not a DTensor (or is None).
+
+    Example:
+        >>> template_like(None, (2, 3), torch.bool).shape
+        torch.Size([2, 3])
+    """
+    if like is None or not is_dtensor(like):
+        return torch.empty(tuple(shape), dtype=dtype)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, _ = compute_local_shape_and_global_offset(tuple(shape), like.device_mesh, like.placements)  # type: ignore[attr-defined]
+    return placed(torch.empty(tuple(local_shape), dtype=dtype, device=local(like).device), like, shape)
 
 
 def sharded_group(params: Sequence[Tensor]) -> Any:

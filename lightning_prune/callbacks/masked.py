@@ -7,6 +7,8 @@ checkpoints (and, under ``ddp_spawn``, back to the launching process).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import os
 import tempfile
@@ -26,30 +28,92 @@ from typing_extensions import override
 
 from lightning_prune.engine import MaskKeeper
 from lightning_prune.report import SparsityRow, format_report
+from lightning_prune.sharding import is_dtensor, template_like
 
 __all__ = ["FromEngine", "MaskedWeights"]
 
-# Strategies that shard parameters: a rank holds a slice of each weight, so masks shaped like whole weights
-# have nothing to multiply (README, "Distributed training").
-_SHARDING = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+# Strategies that shard parameters into flat slices (FSDP1 flat parameters, DeepSpeed ZeRO): a rank holds a
+# run of elements that cuts across rows, so no mask or unit maps onto it (README, "Sharded training").
+_FLAT_SHARDING = ("FSDPStrategy", "DeepSpeedStrategy")
+_PREFIX = "lightning_prune"  # keys of sharded callback state inside a distributed checkpoint's state_dict
+_MARK = "dcp:"  # a callback state entry saved in the distributed checkpoint under the key that follows
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
-    """Raise for a strategy that shards parameters (masks are kept per whole parameter)."""
+    """Raise for a strategy that shards parameters as flat slices (ModelParallelStrategy is the supported way)."""
     strategy = getattr(trainer, "strategy", None)
     names = {cls.__name__ for cls in type(strategy).__mro__}
-    sharding = sorted(names.intersection(_SHARDING))
-    if sharding:
+    if names.intersection(_FLAT_SHARDING):
         raise ValueError(
-            f"strategy {type(strategy).__name__} shards parameters, which lightning_prune does not support yet: "
-            "its masks are kept per whole parameter; use a single device, 'ddp' or 'ddp_spawn' (supported: "
-            "unsharded strategies)"
+            f"strategy {type(strategy).__name__} shards parameters as flat slices that cut across rows, which "
+            "lightning_prune cannot mask; shard with ModelParallelStrategy instead (FSDP2 fully_shard and/or "
+            "tensor parallelism in configure_model), or use a single device, 'ddp' or 'ddp_spawn'"
         )
+
+
+def _distributed_checkpoint(trainer: pl.Trainer) -> bool:
+    """Whether the trainer saves distributed checkpoints (a directory with one shard per rank)."""
+    strategy = getattr(trainer, "strategy", None)
+    return type(strategy).__name__ == "ModelParallelStrategy" and bool(
+        getattr(strategy, "_save_distributed_checkpoint", False)
+    )
+
+
+def _walk(state: Any, path: tuple[str, ...] = ()) -> Any:
+    """Every (path, value) of the tensors and strings nested in ``state``'s mappings."""
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from _walk(value, (*path, str(key)))
+    elif isinstance(state, (Tensor, str)):
+        yield path, state
+
+
+def _put(state: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        state = state[key]
+    state[path[-1]] = value
 
 
 # Callbacks that have a state key and have not finished a fit, by the key their settings give: to tell apart
 # two with the very same settings in one Trainer.
 _LIVE: dict[str, weakref.WeakSet[MaskedWeights]] = {}
+
+
+def _shallow(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of nested mappings whose tensors are the same objects (deep-copying DTensors is not needed)."""
+    return {k: _shallow(v) if isinstance(v, Mapping) else v for k, v in state.items()}
+
+
+def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -> dict[str, Any]:
+    """``state`` with its markers replaced by the tensors saved in the distributed checkpoint at ``path``.
+
+    Each entry is loaded into a template placed like the target it belongs to (its name is the part of the
+    key after ``masks.`` or ``states.``), so that the checkpoint re-shards to this run's layout: another
+    world size, or an unsharded model.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if path is None:
+        raise ValueError("the callback state refers to a distributed checkpoint, but the trainer has no ckpt_path")
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    params = dict(model.named_parameters())
+    out = _shallow(state)
+    templates: dict[str, Tensor] = {}
+    where: dict[str, tuple[str, ...]] = {}
+    for entry, value in list(_walk(out)):
+        if not (isinstance(value, str) and value.startswith(_MARK)):
+            continue
+        key = value[len(_MARK) :]
+        meta = saved.get(f"state_dict.{key}")
+        if meta is None:
+            raise ValueError(f"the distributed checkpoint at {path} lacks {key!r}, which the callback state names")
+        fqn = entry[1] if entry and entry[0] in ("masks", "states") and len(entry) > 1 else ""
+        templates[key] = template_like(params.get(fqn), tuple(meta.size), meta.properties.dtype)
+        where[key] = entry
+    dcp.load({"state_dict": templates}, checkpoint_id=str(path))
+    for key, entry in where.items():
+        _put(out, entry, templates[key])
+    return out
 
 
 class FromEngine:
@@ -120,6 +184,11 @@ class MaskedWeights(Callback):
         self._receive()
         return self.engine.sparsity()
 
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of zeros of each target, by name (whole targets, also when sharded)."""
+        self._receive()
+        return self.engine.layer_sparsity()
+
     def report(self, pl_module: torch.nn.Module | None = None) -> list[SparsityRow]:
         """Per-layer rows (name, shape, pattern, sparsity) of the current masks."""
         self._receive()
@@ -154,6 +223,32 @@ class MaskedWeights(Callback):
                 return
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Sharded masks and states go where each rank writes its own shard (every rank calls this).
+
+        Callback state is written by rank zero alone; so in a distributed checkpoint every DTensor of ours is
+        moved into ``checkpoint["state_dict"]``, which each rank writes per shard, and left behind as a marker.
+        Otherwise (one consolidated file) DTensors are gathered into whole tensors.
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not isinstance(state, dict) or not any(is_dtensor(v) for _, v in _walk(state)):
+            return
+        state = checkpoint["callbacks"][self.state_key] = copy.deepcopy(_shallow(state))
+        distributed = _distributed_checkpoint(trainer)
+        digest = hashlib.sha1(self.state_key.encode()).hexdigest()[:12]
+        for path, value in list(_walk(state)):
+            if not is_dtensor(value):
+                continue
+            if distributed:
+                key = ".".join((_PREFIX, digest, *path))
+                checkpoint["state_dict"][key] = value
+                _put(state, path, _MARK + key)
+            else:
+                _put(state, path, value.full_tensor())  # type: ignore[attr-defined]
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state until ``on_train_start``, when the model is final and its weights restored."""
         self._pending = dict(state_dict)
@@ -171,6 +266,8 @@ class MaskedWeights(Callback):
         """Bind the engine to the model: targets resolved, masks restored or carried over, zeros applied."""
         self._check_unclaimed(trainer, pl_module)
         state, self._pending = self._pending, None
+        if state is not None and any(isinstance(v, str) and v.startswith(_MARK) for _, v in _walk(state)):
+            state = _load_sharded(state, pl_module, trainer.ckpt_path)
         self._bind(trainer, pl_module, state)
 
     @override

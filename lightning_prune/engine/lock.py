@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_prune.engine.masks import MaskKeeper, all_kept
 from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.sharding import local
 
 __all__ = ["MaskLock"]
 
@@ -75,7 +76,7 @@ class MaskLock(MaskKeeper):
         if state is not None and state.get("config", {}).get("kind") == "pattern_lock":
             masks = self._checked_masks(state["masks"])
         else:
-            masks = {fqn: p.detach() != 0 for fqn, p in self._targets.items()}
+            masks = {fqn: local(p.detach()) != 0 for fqn, p in self._targets.items()}
         if self.pattern is not None:
             for fqn, mask in masks.items():
                 if not self.pattern.conforms(mask):

@@ -266,7 +266,7 @@ class MaskKeeper:
         return checked
 
     def _local_box(self, fqn: str, whole: Tensor) -> Tensor:
-        """This rank's box of a tensor shaped like target ``fqn``: a DTensor's shard, or a slice of a whole one."""
+        """The part of a tensor shaped like target ``fqn`` on this rank: its shard, or a slice of a whole one."""
         box = self._boxes.get(fqn)
         if is_dtensor(whole):
             return local(whole)

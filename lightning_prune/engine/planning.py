@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_prune.engine.zeroing import all_kept
 from lightning_prune.patterns import Pattern
-from lightning_prune.selection import select
+from lightning_prune.selection import UnitShard, select
+from lightning_prune.sharding import Box
 
 __all__ = ["check_reachable", "plan", "pruned_first"]
 
@@ -74,6 +77,8 @@ def plan(
     scope: str = "global",
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    boxes: Sequence[Box] | None = None,
+    group: Any = None,
 ) -> list[Tensor]:
     """Element masks (True = pruned) of the pattern's units that reach ``sparsity``, pruned ones first.
 
@@ -86,6 +91,9 @@ def plan(
         scope: ``"global"`` or ``"local"``.
         min_sparsity: global scope: the least sparsity of any target.
         max_sparsity: global scope: the most sparsity of any target.
+        boxes: sharded (with ``group``): where each of ``scores`` (this rank's shard) sits in its target;
+            ``shapes`` are then the shards' shapes. Units cut by a shard (channels) are summed over ranks.
+        group: the process group the shards are spread over.
 
     Example:
         >>> from lightning_prune.patterns import parse_pattern
@@ -95,21 +103,50 @@ def plan(
     """
     like = [torch.empty(shape, device="meta") for shape in shapes]
     units = scores if per_unit else [pattern.unit_scores(s) for s in scores]
-    picks = select(
-        units,
-        [pattern.unit_sizes(tuple(shape)) for shape in shapes],
-        [math.prod(shape) for shape in shapes],
-        sparsity,
-        scope,
-        min_sparsity=min_sparsity,
-        max_sparsity=max_sparsity,
-    )
+    sizes = [pattern.unit_sizes(tuple(shape)) for shape in shapes]
+    if boxes is None or group is None:
+        numels, shards, cuts = [math.prod(shape) for shape in shapes], None, [None] * len(scores)
+    else:
+        numels, shards, cuts = [math.prod(b.shape) for b in boxes], [], []
+        for i, box in enumerate(boxes):
+            shard, cut = _shard_units(pattern, box, units[i], sizes[i], group)
+            if cut is not None:  # the units' scores over all ranks, and their sizes in the whole weight
+                units[i], sizes[i] = cut[0], pattern.unit_sizes(box.shape)
+            shards.append(shard)
+            cuts.append(None if cut is None else cut[1])
+    picks = select(units, sizes, numels, sparsity, scope, min_sparsity, max_sparsity, group, shards)
     # A unit holding a pruned weight is always taken whole, even where the budget's rounding would stop
     # just before it: masks stay monotone and made of whole units.
-    return [
-        pattern.expand(pick | (u == -math.inf), s if not per_unit else w)
-        for pick, u, s, w in zip(picks, units, scores, like)
-    ]
+    out = []
+    for pick, u, s, w, cut in zip(picks, units, scores, like, cuts):
+        pruned = pick | (u == -math.inf)
+        out.append(pattern.expand(pruned if cut is None else pruned[cut], s if not per_unit else w))
+    return out
+
+
+def _shard_units(
+    pattern: Pattern, box: Box, units: Tensor, size: int | Tensor, group: Any
+) -> tuple[UnitShard, tuple[Tensor, slice] | None]:
+    """Where a shard's units sit; for units cut by the shard, their whole scores and the shard's slice of them.
+
+    Cut units (a channel across the split dimension) are scored by the mean over the whole channel: each
+    rank's partial sums (``mean * elements``) are all-reduced, replicas adding nothing. Every rank then holds
+    all of them and rank 0 counts them.
+    """
+    found = pattern.shard_units(box.shape, box.offset, box.local_shape)
+    assert found is not None, "shards that cut units are refused at bind"
+    grid, offset, partial = found
+    if not partial:
+        return UnitShard(box.owner, tuple(grid), tuple(offset)), None
+    assert isinstance(size, int) and units.dim() == 1, "only channels are summed across shards"
+    whole = torch.zeros(grid, dtype=torch.float32, device=units.device)
+    if box.owner and units.numel() and size:
+        whole[offset[0] : offset[0] + units.numel()] = units.float() * size
+    dist.all_reduce(whole, group=group)
+    whole_size = pattern.unit_sizes(box.shape)
+    assert isinstance(whole_size, int)
+    whole.div_(whole_size)
+    return UnitShard(dist.get_rank(group) == 0, tuple(grid), (0,)), (whole, slice(offset[0], offset[0] + units.numel()))
 
 
 def check_reachable(

@@ -19,6 +19,7 @@ from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.regularization import Regularization
 from lightning_prune.schedules import Schedule, default_schedule
 from lightning_prune.selection import SCOPES
+from lightning_prune.sharding import all_reduce_ints, local, placed
 
 __all__ = ["Event", "Pruner", "check_fraction"]
 
@@ -289,20 +290,29 @@ class Pruner(MaskKeeper):
             and not self.element_scores
             and bool(states)
             and all(spec.shape == "weight" for spec in states)
+            and not any(self._cut(fqn) for fqn in self._boxes)
         )
+
+    def _cut(self, fqn: str) -> bool:
+        """Whether the shard of ``fqn`` cuts units whose scores are summed over ranks (sharded channels)."""
+        box = self._boxes[fqn]
+        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+        return found is not None and found[2]
 
     def _adopt(self, model: nn.Module, state: Mapping[str, Any] | None, carried: bool) -> None:
         """Masks, running states and the schedule position: restored, carried over, or fresh."""
         states = TargetStates(self.criterion, self.pattern, self._per_unit())
         modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in self._targets}
         views = [Target(fqn, modules[fqn], self._collecting) for fqn in self._targets]
-        weights = list(self._targets.values())
+        weights = self._local_weights()
         if state is not None:  # everything that can refuse the state, before anything changes
             masks = self._checked_masks(state["masks"])
             saved = state.get("states", state.get("scores"))
             restored = None
             if saved is not None:
-                restored = [states.restore(v.fqn, saved[v.fqn], w) for v, w in zip(views, weights)]
+                restored = [
+                    states.restore(v.fqn, saved[v.fqn], w, self._boxes.get(v.fqn)) for v, w in zip(views, weights)
+                ]
         self._teardown_criterion()
         if self._coupling is not None and self._coupling.watching:
             self._coupling.stop()  # hooks of an earlier binding that never saw a step
@@ -330,7 +340,7 @@ class Pruner(MaskKeeper):
     def _open_window(self) -> None:
         """Allocate running states once the next forward pass belongs to the scoring window."""
         if self.criterion.accumulates and self._states is not None and self._collecting():
-            self._states.allocate(self._views, list(self._targets.values()))
+            self._states.allocate(self._views, self._local_weights())
 
     def _setup_criterion(self) -> None:
         self.criterion.setup(self._views)
@@ -387,17 +397,25 @@ class Pruner(MaskKeeper):
             self.regularization.after_step(self._targets)
 
     def _gradients_finite(self) -> bool:
-        return all(bool(torch.isfinite(w.grad).all()) for w in self._targets.values() if w.grad is not None)
+        finite = all(bool(torch.isfinite(local(w.grad)).all()) for w in self._targets.values() if w.grad is not None)
+        if self._group is not None:  # every rank takes the same branch
+            finite = all_reduce_ints([int(not finite)], self._group)[0] == 0
+        return finite
+
+    def _local_weights(self) -> list[Tensor]:
+        """The shard of every target on this rank (the targets themselves when not sharded)."""
+        return [local(w) for w in self._targets.values()]
 
     def _advance(self, step: int) -> Event | None:
         """Scores and the event, if any, for the step about to be taken."""
         schedule = self._resolved
         assert schedule is not None and self._states is not None
-        weights = list(self._targets.values())
+        weights = self._local_weights()
         if self.criterion.accumulates and schedule.start <= step <= schedule.end and not self.finished:
             self._states.allocate(self._views, weights)
             if type(self.criterion).update is not Criterion.update:
-                self._states.update(self._views, weights, [w.grad for w in weights])
+                grads = [None if w.grad is None else local(w.grad) for w in self._targets.values()]
+                self._states.update(self._views, weights, grads)
         index = schedule.last_event_at(step)
         if index <= self._last_event:
             return None
@@ -422,8 +440,13 @@ class Pruner(MaskKeeper):
         assert self._states is not None
         reduced = any(spec.reduce is not None for spec in self.criterion.states.values())
         group = process_group() if reduced else None
+        sharded = self._group is not None
         scores = [
-            self.criterion.score(self._states.reduced(view, group), weight, weight.grad)
+            self.criterion.score(
+                self._states.reduced(view, group, sharded),
+                local(weight),
+                None if weight.grad is None else local(weight.grad),
+            )
             for view, weight in zip(self._views, self._targets.values())
         ]
         masks = list(self._masks.values())
@@ -435,13 +458,15 @@ class Pruner(MaskKeeper):
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
         return plan(
             scores,
-            [tuple(p.shape) for p in self._targets.values()],
+            [tuple(w.shape) for w in self._local_weights()],
             self.pattern,
             self._states.per_unit,
             sparsity,
             self.scope,
             min_sparsity=self.min_sparsity_per_layer * scale,
             max_sparsity=self.max_sparsity_per_layer,
+            boxes=list(self._boxes.values()) if self._group is not None else None,
+            group=self._group,
         )
 
     def _unit_pattern(self) -> Pattern | None:
@@ -455,5 +480,20 @@ class Pruner(MaskKeeper):
         state = super().state_dict()
         state["last_event"] = self._last_event
         if any(view.state for view in self._views):
-            state["states"] = {v.fqn: {k: t.cpu() for k, t in v.state.items()} for v in self._views}
+            state["states"] = {
+                v.fqn: {k: self._placed_state(v.fqn, k, t) for k, t in v.state.items()} for v in self._views
+            }
         return state
+
+    def _placed_state(self, fqn: str, name: str, value: Tensor) -> Tensor:
+        """A running state for a checkpoint: sharded like its target where it is kept per weight or unit."""
+        weight = self._targets.get(fqn)
+        spec = self.criterion.states.get(name)
+        if self._group is None or weight is None or spec is None or spec.shape != "weight":
+            return value.cpu()
+        box = self._boxes[fqn]
+        if self._states is not None and self._states.per_unit:
+            found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+            assert found is not None
+            return placed(value.cpu(), weight, found[0])
+        return placed(value.cpu(), weight)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_prune.criteria import Criterion, StateSpec
 from lightning_prune.patterns import Pattern
+from lightning_prune.sharding import Box, is_dtensor, local
 
 __all__ = ["Target", "TargetStates"]
 
@@ -123,17 +124,18 @@ class TargetStates:
                 sliced = {k: v[a // rows_per_unit : -(-b // rows_per_unit)] for k, v in target.state.items()}
                 update(sliced, weight[a:b], None if grad is None else grad[a:b], reduce)
 
-    def reduced(self, target: Target, group: Any) -> dict[str, Tensor]:
+    def reduced(self, target: Target, group: Any, sharded: bool = False) -> dict[str, Tensor]:
         """The target's states combined over the processes of ``group`` as declared.
 
         The states themselves where nothing is to be combined; copies otherwise, so that running sums stay
-        per process.
+        per process. Sharded, states kept per weight hold each rank's own shard and are not combined (they
+        come from gradients that are already reduced); ``"inputs"`` states are.
         """
         if group is None:
             return target.state
         out = dict(target.state)
         for name, spec in self.criterion.states.items():
-            if spec.reduce is None:
+            if spec.reduce is None or (sharded and spec.shape == "weight"):
                 continue
             combined = out[name].clone()
             dist.all_reduce(combined, op=getattr(dist.ReduceOp, _OPS[spec.reduce]), group=group)
@@ -142,11 +144,15 @@ class TargetStates:
             out[name] = combined
         return out
 
-    def restore(self, fqn: str, saved: Mapping[str, Tensor] | Tensor, weight: Tensor) -> dict[str, Tensor]:
+    def restore(
+        self, fqn: str, saved: Mapping[str, Tensor] | Tensor, weight: Tensor, box: Box | None = None
+    ) -> dict[str, Tensor]:
         """Checked states from a checkpoint, on the weight's device.
 
         A bare tensor is the single state of a checkpoint written before states had names; per-weight
-        states where this run keeps them per unit (older checkpoints) are reduced to units.
+        states where this run keeps them per unit (older checkpoints) are reduced to units. Sharded
+        (``weight`` is this rank's shard, at ``box``), a state is a DTensor whose shard is taken, or a whole
+        state that is sliced.
 
         Raises:
             ValueError: a state is missing or has a shape this run cannot use (the message names both).
@@ -162,7 +168,7 @@ class TargetStates:
         for name, spec in specs.items():
             if name not in saved:
                 raise ValueError(f"checkpoint state of '{fqn}' lacks {name!r} of criterion {self.criterion!r}")
-            value = saved[name].to(weight.device, spec.dtype)
+            value = self._shard(saved[name], spec, box).to(weight.device, spec.dtype)
             expected = self.shape(spec, weight.shape)
             if tuple(value.shape) != expected:
                 if self.per_unit and spec.shape == "weight" and tuple(value.shape) == tuple(weight.shape):
@@ -174,6 +180,20 @@ class TargetStates:
                     )
             out[name] = value
         return out
+
+    def _shard(self, value: Tensor, spec: StateSpec, box: Box | None) -> Tensor:
+        """The part of a saved state for this rank (see :meth:`restore`)."""
+        if is_dtensor(value):
+            return local(value)
+        if box is None or spec.shape != "weight" or box.local_shape == box.shape:
+            return value
+        if tuple(value.shape) == box.shape:  # a whole per-weight state
+            return value[tuple(slice(a, a + n) for a, n in zip(box.offset, box.local_shape))]
+        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+        if self.per_unit and found is not None and tuple(value.shape) == tuple(found[0]):  # whole, per unit
+            local_units = self.shape(spec, box.local_shape)
+            return value[tuple(slice(a, a + n) for a, n in zip(found[1], local_units))]
+        return value
 
 
 def process_group() -> Any:
