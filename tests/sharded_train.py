@@ -38,7 +38,7 @@ OPTIMIZER = os.environ.get("SHARDED_OPTIMIZER", "adamw")
 class Net(pl.LightningModule):
     """Three Linears and a BatchNorm; shards itself as ``mode`` says once the device mesh exists."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, norm: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.mode = mode
@@ -46,7 +46,7 @@ class Net(pl.LightningModule):
             nn.Linear(IN, HIDDEN),
             nn.ReLU(),
             nn.Linear(HIDDEN, MID),
-            nn.BatchNorm1d(MID),
+            nn.BatchNorm1d(MID) if norm else nn.Identity(),  # per-rank batch statistics: off across world sizes
             nn.ReLU(),
             nn.Linear(MID, CLASSES),
         )
@@ -72,14 +72,17 @@ class Net(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if OPTIMIZER == "sgd":
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1, foreach=OPTIMIZER != "adamw-loop")
+        # torch's foreach Adam cannot mix plain tensors (the layers tensor parallelism leaves out) with DTensors
+        foreach = OPTIMIZER != "adamw-loop" and self.mode != "tp"
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1, foreach=foreach)
 
 
-def loader() -> DataLoader:
+def loader(data_parallel: int) -> DataLoader:
+    """64 samples, 16 per step over all ranks: 4 steps per epoch (checkpoints every 4 steps end an epoch)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, IN, generator=g)
-    y = torch.randint(0, CLASSES, (256,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=8)
+    x = torch.randn(64, IN, generator=g)
+    y = torch.randint(0, CLASSES, (64,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16 // data_parallel)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -156,13 +159,14 @@ def main() -> None:
     parser.add_argument("--callback", default="pruning")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--no-norm", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    module = Net(args.mode)
+    module = Net(args.mode, norm=not args.no_norm)
+    tp = args.devices if args.mode == "tp" else (2 if args.mode == "fsdp_tp" else 1)
     if args.mode in ("ddp", "single"):
         strategy: Any = "ddp" if args.mode == "ddp" else "auto"
     else:
-        tp = args.devices if args.mode == "tp" else (2 if args.mode == "fsdp_tp" else 1)
         strategy = ModelParallelStrategy(
             data_parallel_size=args.devices // tp, tensor_parallel_size=tp, process_group_backend="gloo"
         )
@@ -185,7 +189,7 @@ def main() -> None:
         precision=args.precision,
         accumulate_grad_batches=args.accumulate,
     )
-    trainer.fit(module, loader(), ckpt_path=args.resume)
+    trainer.fit(module, loader(args.devices // tp), ckpt_path=args.resume)
 
 
 if __name__ == "__main__":
