@@ -38,14 +38,14 @@ OPTIMIZER = os.environ.get("SHARDED_OPTIMIZER", "adamw")
 class Net(pl.LightningModule):
     """Three Linears and a BatchNorm; shards itself as ``mode`` says once the device mesh exists."""
 
-    def __init__(self, mode: str, norm: bool = True) -> None:
+    def __init__(self, mode: str, norm: bool = True, hidden: int = HIDDEN) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.mode = mode
         self.net = nn.Sequential(
-            nn.Linear(IN, HIDDEN),
+            nn.Linear(IN, hidden),
             nn.ReLU(),
-            nn.Linear(HIDDEN, MID),
+            nn.Linear(hidden, MID),
             nn.BatchNorm1d(MID) if norm else nn.Identity(),  # per-rank batch statistics: off across world sizes
             nn.ReLU(),
             nn.Linear(MID, CLASSES),
@@ -160,9 +160,10 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--no-norm", action="store_true")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    module = Net(args.mode, norm=not args.no_norm)
+    module = Net(args.mode, norm=not args.no_norm, hidden=args.hidden)
     tp = args.devices if args.mode == "tp" else (2 if args.mode == "fsdp_tp" else 1)
     if args.mode in ("ddp", "single"):
         strategy: Any = "ddp" if args.mode == "ddp" else "auto"

@@ -151,7 +151,7 @@ class MaskKeeper:
                 if pattern.shard_units(box.shape, box.offset, box.local_shape) is None:
                     raise ValueError(
                         f"pattern '{pattern}' cannot prune '{fqn}' {tuple(param.shape)} as it is sharded "
-                        f"({', '.join(map(str, param.placements))} over {param.device_mesh.size()} ranks): the "
+                        f"({', '.join(map(repr, param.placements))} over {param.device_mesh.size()} ranks): the "
                         f"shard {box.describe()} of rank {rank} cuts its units; choose sizes whose shards hold "
                         "whole units (rows, or columns, per rank divisible by the block), exclude the layer, or "
                         "use pattern 'unstructured' or '1xchannel'/'channelx1'"
