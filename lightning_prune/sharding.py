@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 try:  # torch.distributed.tensor exists on every platform with distributed support
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - builds without torch.distributed
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+    DTensor = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: object) -> bool:
@@ -92,6 +92,11 @@ def _local_shape_and_offset(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(shape), tuple(offset)
 
 
+def _splits(placement: Any) -> bool:
+    """Whether a placement splits a dimension: ``Shard``, or the ``_StridedShard`` of FSDP over tensor parallel."""
+    return not placement.is_replicate() and not placement.is_partial() and getattr(placement, "dim", None) is not None
+
+
 def box_of(t: Tensor, sharded: bool) -> Box:
     """The box this rank holds of ``t``.
 
@@ -109,11 +114,14 @@ def box_of(t: Tensor, sharded: bool) -> Box:
         owner = not sharded or dist.get_rank() == 0
         return Box(shape, shape, (0,) * len(shape), owner, ())
     local_shape, offset = _local_shape_and_offset(t)
-    coordinate = t.device_mesh.get_coordinate()  # type: ignore[attr-defined]
-    owner = coordinate is not None
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    # A mesh smaller than the world is one of several copies (e.g. the data-parallel mesh of a layer that
+    # tensor parallelism left out): the copy that holds rank 0 counts.
+    owner = coordinate is not None and (mesh.size() == dist.get_world_size() or 0 in mesh.mesh.flatten().tolist())
     split: list[int] = []
     for mesh_dim, placement in enumerate(t.placements):  # type: ignore[attr-defined]
-        if isinstance(placement, Shard):
+        if _splits(placement):
             dim = placement.dim % len(shape)
             if dim not in split:
                 split.append(dim)
@@ -138,11 +146,11 @@ def every_box(t: Tensor) -> list[tuple[int, Box]]:
     mesh, placements = t.device_mesh, t.placements  # type: ignore[attr-defined]
     ranks = mesh.mesh  # global rank at each coordinate
     shape = tuple(t.shape)
-    split = tuple(sorted({p.dim % len(shape) for p in placements if isinstance(p, Shard)}))
+    split = tuple(sorted({p.dim % len(shape) for p in placements if _splits(p)}))
     out = []
     for coordinate in itertools.product(*(range(n) for n in mesh.shape)):
         local_shape, offset = _compute_local_shape_and_global_offset(shape, mesh.shape, list(coordinate), placements)
-        owner = all(c == 0 for c, p in zip(coordinate, placements) if not isinstance(p, Shard))
+        owner = all(c == 0 for c, p in zip(coordinate, placements) if not _splits(p))
         out.append((int(ranks[coordinate]), Box(shape, tuple(local_shape), tuple(offset), owner, split)))
     return out
 

@@ -137,8 +137,8 @@ def make_callback(kind: str, pattern: str, criterion: str, scope: str) -> Any:
     if kind == "group_lasso":
         return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False,
                        regularization=GroupLasso(1e-3, pattern))
-    if kind == "lock":
-        return PatternLock(pattern=None, verbose=False)
+    if kind == "lock":  # the model starts with zeros to lock (see main)
+        return PatternLock(pattern=pattern, verbose=False)
     raise ValueError(kind)
 
 
@@ -164,6 +164,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     module = Net(args.mode, norm=not args.no_norm, hidden=args.hidden)
+    if args.callback == "lock":  # zeros in whole 4x1 blocks, for PatternLock to keep
+        with torch.no_grad():
+            for layer in (module.net[0], module.net[2]):
+                layer.weight.view(-1, 4, layer.weight.shape[1])[::2] = 0.0
     tp = args.devices if args.mode == "tp" else (2 if args.mode == "fsdp_tp" else 1)
     if args.mode in ("ddp", "single"):
         strategy: Any = "ddp" if args.mode == "ddp" else "auto"
