@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.sharding import box_of, is_dtensor, local
 
 if TYPE_CHECKING:
     from lightning_prune.callbacks.group_lasso import GroupLasso
@@ -133,13 +134,27 @@ class GroupLassoStep(Regularization):
         lrs, self._lrs = self._lrs, None
         if lrs is None or self.coeff == 0.0:
             return
-        for weight, lr in zip(targets.values(), lrs):
+        for param, lr in zip(targets.values(), lrs):
             threshold = lr * self.coeff
             if threshold <= 0.0:
                 continue
+            weight = self._shard(param)
             norms = group_norms(weight, self.pattern)
             factor = (1.0 - threshold / norms).clamp_(min=0.0)  # a zero group: -inf, clamped to 0
             weight.mul_(self.pattern.expand(factor, weight).to(weight.dtype))
+
+
+    def _shard(self, weight: Tensor) -> Tensor:
+        """The local shard of a sharded weight whose shard holds whole groups; else the weight itself.
+
+        A group cut by the shard (a channel across the split dimension) is left to DTensor's own operations,
+        which combine the partial norms across ranks.
+        """
+        if not is_dtensor(weight):
+            return weight
+        box = box_of(weight, sharded=True)
+        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+        return local(weight) if found is not None and not found[2] else weight
 
 
 def __getattr__(name: str) -> Any:

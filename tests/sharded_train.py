@@ -98,9 +98,7 @@ class Record(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         masks = {fqn: whole(m) for fqn, m in self.pruning.masks.items()}
         placements = {fqn: str(getattr(m, "placements", "plain")) for fqn, m in self.pruning.masks.items()}
-        local_bytes = sum(
-            (m.to_local() if is_dtensor(m) else m).numel() for m in self.pruning.engine._masks.values()
-        )
+        local_bytes = sum((m.to_local() if is_dtensor(m) else m).numel() for m in self.pruning.engine._masks.values())
         weights = {name: whole(p) for name, p in pl_module.named_parameters()}
         sparsity = [0.0] * trainer.world_size
         if dist.is_initialized():
@@ -133,10 +131,19 @@ def make_callback(kind: str, pattern: str, criterion: str, scope: str) -> Any:
     if kind == "pruning":
         return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False)
     if kind == "progressive":
-        return ProgressivePruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False)
+        return ProgressivePruning(
+            target, pattern, criterion, schedule=schedule, scope=scope, verbose=False, progressive_steps=2
+        )
     if kind == "group_lasso":
-        return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False,
-                       regularization=GroupLasso(1e-3, pattern))
+        return Pruning(
+            target,
+            pattern,
+            criterion,
+            schedule=schedule,
+            scope=scope,
+            verbose=False,
+            regularization=GroupLasso(1e-3, pattern),
+        )
     if kind == "lock":  # the model starts with zeros to lock (see main)
         return PatternLock(pattern=pattern, verbose=False)
     raise ValueError(kind)

@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_prune.engine.pruner import Event, Pruner
 from lightning_prune.schedules import Schedule
-from lightning_prune.selection import prune_lowest
+from lightning_prune.selection import UnitShard, prune_lowest
+from lightning_prune.sharding import all_reduce_ints
 
 __all__ = ["PROGRESSIVE_TYPES", "ProgressivePruner"]
 
@@ -156,12 +157,20 @@ class ProgressivePruner(Pruner):
         masks = list(self._masks.values())
         # Pruned: -inf (counted first); in the plan: the weight's score; elsewhere: +inf (never taken).
         candidates = [torch.where(plan | ~mask, score, math.inf) for plan, score, mask in zip(plans, scores, masks)]
-        pending = [int((plan & mask).sum()) for plan, mask in zip(plans, masks)]
-        pruned = [int((~mask).sum()) for mask in masks]
+        # Sharded: counts over all ranks (each box counted by its owner); the selection spans all shards.
+        group, boxes = self._group, list(self._boxes.values())
+        owned = [box.owner for box in boxes] if group is not None else [True] * len(masks)
+        shards = [UnitShard(b.owner, b.shape, b.offset) for b in boxes] if group is not None else None
+        pending = all_reduce_ints([int((p & m).sum()) if o else 0 for p, m, o in zip(plans, masks, owned)], group)
+        pruned = all_reduce_ints([int((~m).sum()) if o else 0 for m, o in zip(masks, owned)], group)
         if self.scope == "local":
-            picks = [prune_lowest([c], [1], p + round(share * n))[0] for c, p, n in zip(candidates, pruned, pending)]
+            picks = []
+            for i, (candidate, done, todo) in enumerate(zip(candidates, pruned, pending)):
+                part = None if shards is None else [shards[i]]
+                picks.append(prune_lowest([candidate], [1], done + round(share * todo), group=group, shards=part)[0])
         else:
-            picks = prune_lowest(candidates, [1] * len(candidates), sum(pruned) + round(share * sum(pending)))
+            budget = sum(pruned) + round(share * sum(pending))
+            picks = prune_lowest(candidates, [1] * len(candidates), budget, group=group, shards=shards)
         for pick, mask in zip(picks, masks):
             mask.logical_and_(~pick)
         self._masks_changed()
