@@ -261,7 +261,8 @@ def held_bytes(*roots: Any) -> int:
     """Bytes of the distinct tensor storages reachable from `roots` (parameters' gradients included).
 
     Walks Python references (not into classes, modules or functions, whose globals reach everything), so it
-    sees whatever a tool keeps: masks, scores, reparametrised weights, optimizer state.
+    sees whatever a tool keeps: masks, scores, reparametrised weights, optimizer state. A DTensor counts its
+    local shard: the bytes this process holds.
     """
     seen: set[int] = set()
     storages: dict[int, int] = {}
@@ -272,6 +273,12 @@ def held_bytes(*roots: Any) -> int:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
+            local = getattr(obj, "_local_tensor", None)  # a DTensor: its shard on this rank holds the bytes
+            if isinstance(local, torch.Tensor):
+                stack.append(local)
+                if obj.grad is not None:
+                    stack.append(obj.grad)
+                continue
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
             if obj.grad is not None:

@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import export, selection, step_overhead  # noqa: E402
+from benchmarks import export, selection, sharded, step_overhead  # noqa: E402
 from benchmarks.harness import benches  # noqa: E402
 
 INC_METHODS = ("4x1:snip_momentum", "unstructured:magnitude")
-SECTIONS = ("steps", "selection", "slim")
+SECTIONS = ("steps", "selection", "slim", "sharded")
 
 
 def inc_rows(python: Path, minilm: str | None, repeats: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
@@ -125,7 +125,36 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"= {tp['ours_over_torch_pruning']:.3f}. Ratios to dense move with the machine's state from run to "
             "run; this one does not.",
         ]
+    lines += _sharded_lines(results.get("sharded"))
     path.write_text("\n".join(lines) + "\n")
+
+
+def _sharded_lines(row: dict[str, Any] | None) -> list[str]:
+    """The sharded section of RESULTS.md."""
+    if not row:
+        return []
+    w = row["window"]
+    return [
+        "",
+        "## Sharded: FSDP2 over 2 processes",
+        "",
+        f"{row['model']} (each rank a batch of half that, one thread), the hidden Linears pruned to "
+        f"{step_overhead.TARGET} with 4x1 snip_momentum, global scope, events {w['start']}..{w['end']} every "
+        f"{w['frequency']}, {w['steps']} steps; a dense sharded copy steps alternately on every rank. Figures of "
+        "rank 0 (the ranks step in lockstep); held: bytes a rank keeps beyond its dense copy, as a multiple of the "
+        "pruned weights' whole bytes (one process: 1.00x inside the window, 0.50x after); sent: the bytes this "
+        "rank contributes to the collectives of an event (counts, a sample and the small bracket around the "
+        "threshold), next to what gathering its unit scores would take.",
+        "",
+        "| window non-event | event | window mean | after the window | held in window / after | sent per event "
+        "(median, max) | unit scores |",
+        "|---|---|---|---|---|---|---|",
+        f"| {row['window non-event']:.3f}x | {row['event']:.2f}x | {row['window mean']:.3f}x | {row['after']:.3f}x | "
+        f"{row['held in window']:.2f}x / {row['held after']:.2f}x | {row['sent per event (bytes)'] / 1e3:.0f} kB, "
+        f"{row['sent per event, max (bytes)'] / 1e3:.0f} kB | {row['unit scores (bytes)'] / 1e6:.1f} MB |",
+        "",
+        f"Window mean of each run: {', '.join(f'{v:.3f}x' for v in row['window mean, runs'])}.",
+    ]
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -205,6 +234,8 @@ def main() -> None:
             print(f"selection {label}: {json.dumps(sel[label])}", flush=True)
     slim = export.versus_torch_pruning(rounds, args.quick) if "slim" in sections else kept["slim"]
     print(f"slim: {json.dumps(slim)}", flush=True)
+    shard = sharded.measure(repeats, args.quick) if "sharded" in sections else kept.get("sharded")
+    print(f"sharded: {json.dumps(shard)}", flush=True)
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     if sections != set(SECTIONS):
         command = f"{kept['meta']['command']}`, then `{command} --sections {args.sections}"
@@ -224,6 +255,7 @@ def main() -> None:
         "inc_note": inc_note,
         "selection": sel,
         "slim": slim,
+        "sharded": shard,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(results, args.out / "RESULTS.md")

@@ -105,8 +105,32 @@ class MiniLM(nn.Module):
         return self.head(pooled)
 
 
+def shard(net: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2 over ``mesh``: each block of ``net`` (a transformer's layers, a ResNet's stages), then ``net`` itself.
+
+    Blocks are the items of the longest ``nn.ModuleList``/``nn.Sequential`` whose items hold parameters; every
+    parameter left outside them (embeddings, stem, head) belongs to the root. Parameter names do not change.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(net, FSDPModule):  # Lightning calls configure_model again for test after fit
+        return net
+
+    def blocks(container: nn.Module) -> list[nn.Module]:
+        return [m for m in container.children() if any(True for _ in m.parameters())]
+
+    containers = [m for m in net.modules() if isinstance(m, nn.ModuleList | nn.Sequential) and m is not net]
+    for block in blocks(max(containers, key=lambda c: len(blocks(c)))) if containers else []:
+        fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classification of any ``net``; AdamW with a one-cycle (or constant) learning rate.
+
+    Under Lightning's ``ModelParallelStrategy`` (``trainer=model_parallel``) it shards itself with FSDP2 in
+    :meth:`configure_model` (see :func:`shard`).
 
     Args:
         net: the network, from inputs to logits.
@@ -126,6 +150,12 @@ class Classifier(pl.LightningModule):
         self.lr, self.weight_decay, self.schedule = lr, weight_decay, schedule
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def configure_model(self) -> None:
+        """Shard ``net`` over the data-parallel mesh when the strategy provides one (ModelParallelStrategy)."""
+        mesh = self._device_mesh
+        if mesh is not None:
+            shard(self.net, mesh["data_parallel"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -165,6 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer, model = pruned["trainer"], pruned["model"]
     if not cfg.trainer.get("fast_dev_run"):
         trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)  # every rank calls it; rank zero writes
+    # sharded masks (DTensors) gathered whole, by every rank, before rank zero works alone
+    masks = {n: m.full_tensor() if hasattr(m, "full_tensor") else m for n, m in pruner.masks.items()}
     if not trainer.is_global_zero:
         return {}  # under DDP, rank zero writes the results
 
@@ -189,14 +191,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if cfg.get("export", "none") != "none":
-        results["export"] = export(cfg.export, model, dict(pruner.masks), pruned["datamodule"], out)
+        results["export"] = export(cfg.export, model, masks, pruned["datamodule"], out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if cfg.plots and trace.rows:
         title = f"{results['pruner']} {results['pattern']} {results['criterion']}"
         plots.sparsity_vs_step(trace.rows, out / "sparsity_vs_step.png", title)
         plots.layer_sparsity(layers, out / "layer_sparsity.png", f"per-layer sparsity, total {results['sparsity']:.3f}")
         # the layer whose sparsity is nearest the total, among the larger ones: a typical mask
-        big = {n: m for n, m in pruner.masks.items() if m.numel() >= 1024} or dict(pruner.masks)
+        big = {n: m for n, m in masks.items() if m.numel() >= 1024} or masks
         name, mask = min(big.items(), key=lambda kv: abs(1 - kv[1].float().mean().item() - results["sparsity"]))
         plots.mask_picture(name, mask, out / "mask.png", results["pattern"])
 

@@ -143,7 +143,6 @@ class GroupLassoStep(Regularization):
             factor = (1.0 - threshold / norms).clamp_(min=0.0)  # a zero group: -inf, clamped to 0
             weight.mul_(self.pattern.expand(factor, weight).to(weight.dtype))
 
-
     def _shard(self, weight: Tensor) -> Tensor:
         """The local shard of a sharded weight whose shard holds whole groups; else the weight itself.
 

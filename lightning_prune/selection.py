@@ -236,7 +236,7 @@ def prune_lowest(
     flat_sizes = [z if isinstance(z, int) else z.reshape(-1).to(f.device) for f, z in zip(flat, sizes)]
     if budget <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    owned = [shards is None or group is None or s.owner for s in shards or [None] * len(flat)]  # type: ignore[union-attr]
+    owned = [True] * len(flat) if shards is None or group is None else [s.owner for s in shards]
     counted = [f if own else f[:0] for f, own in zip(flat, owned)]  # what this process counts
     counted_sizes = [z if isinstance(z, int) or own else z[:0] for z, own in zip(flat_sizes, owned)]
     if budget >= _sum(sum(_total(f, z) for f, z in zip(counted, counted_sizes)), group):

@@ -42,6 +42,12 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     slim = results["slim"]
     assert slim["ours"]["params"] == slim["torch-pruning"]["params"] < slim["dense"]["params"]
     assert slim["ours_over_torch_pruning"] > 0
+    shard = results["sharded"]
+    assert shard["held in window"] == pytest.approx(0.5, abs=0.05)  # each of 2 ranks: half the one-process 1.00x
+    assert shard["held after"] == pytest.approx(0.25, abs=0.05)
+    assert 0 < shard["sent per event, max (bytes)"] < shard["unit scores (bytes)"]
+    assert shard["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert "## Sharded: FSDP2 over 2 processes" in text
 
     # one section again: the others are kept from results.json
     proc = subprocess.run([*cmd, "--sections", "slim"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -55,7 +61,7 @@ def test_run_all_rejects_unknown_section(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(tmp_path), "--sections", "stepz"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "--sections: 'stepz'; choose from steps, selection, slim" in proc.stderr
+    assert "--sections: 'stepz'; choose from steps, selection, slim, sharded" in proc.stderr
 
 
 @pytest.mark.slow

@@ -92,6 +92,7 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
     world size, or an unsharded model.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if path is None:
         raise ValueError("the callback state refers to a distributed checkpoint, but the trainer has no ckpt_path")
@@ -105,7 +106,7 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
             continue
         key = value[len(_MARK) :]
         meta = saved.get(f"state_dict.{key}")
-        if meta is None:
+        if not isinstance(meta, TensorStorageMetadata):
             raise ValueError(f"the distributed checkpoint at {path} lacks {key!r}, which the callback state names")
         fqn = entry[1] if entry and entry[0] in ("masks", "states") and len(entry) > 1 else ""
         templates[key] = template_like(params.get(fqn), tuple(meta.size), meta.properties.dtype)
@@ -246,7 +247,7 @@ class MaskedWeights(Callback):
                 checkpoint["state_dict"][key] = value
                 _put(state, path, _MARK + key)
             else:
-                _put(state, path, value.full_tensor())  # type: ignore[attr-defined]
+                _put(state, path, value.full_tensor())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -147,11 +147,12 @@ class MaskKeeper:
         for fqn, param in targets.items():
             if not is_dtensor(param):
                 continue
+            placements, mesh = param.placements, param.device_mesh  # type: ignore[attr-defined]
             for rank, box in every_box(param):
                 if pattern.shard_units(box.shape, box.offset, box.local_shape) is None:
                     raise ValueError(
                         f"pattern '{pattern}' cannot prune '{fqn}' {tuple(param.shape)} as it is sharded "
-                        f"({', '.join(map(repr, param.placements))} over {param.device_mesh.size()} ranks): the "
+                        f"({', '.join(map(repr, placements))} over {mesh.size()} ranks): the "
                         f"shard {box.describe()} of rank {rank} cuts its units; choose sizes whose shards hold "
                         "whole units (rows, or columns, per rank divisible by the block), exclude the layer, or "
                         "use pattern 'unstructured' or '1xchannel'/'channelx1'"

@@ -104,16 +104,18 @@ def plan(
     like = [torch.empty(shape, device="meta") for shape in shapes]
     units = scores if per_unit else [pattern.unit_scores(s) for s in scores]
     sizes = [pattern.unit_sizes(tuple(shape)) for shape in shapes]
+    shards: list[UnitShard] | None = None
+    cuts: list[slice | None] = [None] * len(scores)
     if boxes is None or group is None:
-        numels, shards, cuts = [math.prod(shape) for shape in shapes], None, [None] * len(scores)
+        numels = [math.prod(shape) for shape in shapes]
     else:
         numels, shards, cuts = [math.prod(b.shape) for b in boxes], [], []
         for i, box in enumerate(boxes):
-            shard, cut = _shard_units(pattern, box, units[i], sizes[i], group)
-            if cut is not None:  # the units' scores over all ranks, and their sizes in the whole weight
-                units[i], sizes[i] = cut[0], pattern.unit_sizes(box.shape)
+            shard, whole = _shard_units(pattern, box, units[i], sizes[i], group)
+            if whole is not None:  # the units' scores over all ranks, and their sizes in the whole weight
+                units[i], sizes[i] = whole[0], pattern.unit_sizes(box.shape)
             shards.append(shard)
-            cuts.append(None if cut is None else cut[1])
+            cuts.append(None if whole is None else whole[1])
     picks = select(units, sizes, numels, sparsity, scope, min_sparsity, max_sparsity, group, shards)
     # A unit holding a pruned weight is always taken whole, even where the budget's rounding would stop
     # just before it: masks stay monotone and made of whole units.
