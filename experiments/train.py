@@ -152,6 +152,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"export={cfg.export!r} is not valid; choose one of {', '.join(map(repr, EXPORTS))}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    strategy = cfg.trainer.get("strategy")
+    if cfg.get("export", "none") != "none" and "ModelParallel" in str(getattr(strategy, "_target_", strategy)):
+        raise ValueError(
+            f"export={cfg.export} needs the whole model, which trainer=model_parallel keeps sharded: run with "
+            "export=none, then consolidate the run's pruned.ckpt folder with "
+            "lightning_prune.export.consolidate_checkpoint and export from that file"
+        )
     pruner = instantiate(cfg.pruner)  # bad pruning arguments fail here, before any training
     if isinstance(pruner, PatternLock) and not cfg.init_from:
         raise ValueError(

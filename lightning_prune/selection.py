@@ -82,6 +82,15 @@ def _gather(t: Tensor, group: Any) -> list[Tensor]:
     return [o.to(t.device) for o in out]
 
 
+def _gather_many(tensors: tuple[Tensor, ...], group: Any) -> list[tuple[Tensor, ...]]:
+    """Every process's ``tensors``, in rank order, in one collective (``[tensors]`` without a group)."""
+    if group is None:
+        return [tensors]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, tuple(t.cpu() for t in tensors), group=group)
+    return out
+
+
 def _keys(
     inside: Sequence[Tensor], shapes: Sequence[tuple[int, ...]], shards: Sequence[UnitShard] | None, group: Any
 ) -> list[Tensor]:
@@ -280,9 +289,16 @@ def prune_lowest(
     local_values = _cat([f[i].float() for f, i, own in zip(flat, inside, owned) if own], torch.float32)
     local_sizes = _cat([z for z, own in zip(inside_sizes, owned) if own], torch.int64)
     local_keys = _cat([k for k, own in zip(keys, owned) if own], torch.int64)
-    values = torch.cat(_gather(local_values, group)).to(device)
-    all_sizes = torch.cat(_gather(local_sizes, group)).to(device)
-    all_keys = torch.cat(_gather(local_keys, group)).to(device)
+    unit_sizes = {z if isinstance(z, int) else None for z in flat_sizes}
+    # every process holds the same tensors, all of one unit size: sizes need no sending
+    uniform = shards is not None and len(unit_sizes) == 1 and None not in unit_sizes
+    sent = (local_values, local_keys) if uniform else (local_values, local_keys, local_sizes)
+    parts = _gather_many(sent, group)
+    values, all_keys = (torch.cat([p[i] for p in parts]).to(device) for i in (0, 1))
+    if uniform:
+        all_sizes = torch.full(values.shape, unit_sizes.pop() or 0, dtype=torch.int64, device=device)
+    else:
+        all_sizes = torch.cat([p[2] for p in parts]).to(device)
     order = torch.argsort(all_keys)
     taken = _take(values[order], all_sizes[order], budget - below_count, nearest)
     taken_keys = all_keys[order][taken]  # ascending

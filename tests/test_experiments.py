@@ -452,3 +452,38 @@ def test_under_ddp_rank_zero_alone_reports_and_writes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["sparsity"] == pytest.approx(0.8, abs=0.01) and len(results["layers"]) == 10
     assert {p.name for p in (tmp_path / "dense_baselines").iterdir()}, "the dense baseline stays in the run folder"
+
+
+@pytest.mark.slow
+def test_trainer_model_parallel_runs_the_job_sharded(tmp_path):
+    sharded = ["trainer=model_parallel", r"pruner.exclude=[net\.head]"]
+    done = train_script(*sharded, "steps=8", "data.subset=64", f"hydra.run.dir={tmp_path}")
+    assert done.stdout.count("pruned accuracy") == 1, done.stdout  # rank zero alone reports
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert results["config"]["trainer"]["strategy"]["_target_"].endswith("ModelParallelStrategy")
+    assert (tmp_path / "pruned.ckpt" / "meta.pt").is_file()  # a distributed checkpoint directory
+    assert (tmp_path / "mask.png").is_file()
+    refused = subprocess.run(
+        [sys.executable, "experiments/train.py", *sharded, "export=slim", f"hydra.run.dir={tmp_path / 'x'}"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "export=slim needs the whole model" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_sharded_llama_example_prunes_and_consolidates(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.sharded_llama", "--steps", "12", "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sparsity 0.5000 over 28 projections" in done.stdout
+    assert "loads into the plain LlamaForCausalLM (strict)" in done.stdout
+    assert (tmp_path / "pruned.ckpt").is_file()

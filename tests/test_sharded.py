@@ -252,7 +252,7 @@ def test_resume_from_a_sharded_checkpoint_same_and_other_world_sizes(runs, tmp_p
 
 
 @pytest.mark.slow
-def test_the_engine_in_a_plain_torchrun_loop_gives_the_callbacks_masks(runs, tmp_path):
+def test_the_engine_in_a_plain_torchrun_loop_and_in_fabric_gives_the_callbacks_masks(runs, tmp_path):
     _, callback = runs("--mode", "fsdp")
     loop = _job(tmp_path / "loop", script="sharded_loop.py", torchrun=2)
     assert _same(loop["masks"], callback["masks"]) == []
@@ -260,3 +260,6 @@ def test_the_engine_in_a_plain_torchrun_loop_gives_the_callbacks_masks(runs, tmp
     # an inf in rank 1's gradient shard only: both ranks skip that step's event (fp16 with a GradScaler)
     skipped = _job(tmp_path / "nonfinite", "--nonfinite", "4", script="sharded_loop.py", torchrun=2)
     assert skipped["events"] == [[0, 2, 5, 6, 8]] * 2
+    # and in Lightning Fabric, its ModelParallelStrategy sharding the model with the same plan
+    fabric = _job(tmp_path / "fabric", "--fabric", script="sharded_loop.py")
+    assert _same(fabric["masks"], callback["masks"]) == []

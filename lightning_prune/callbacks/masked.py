@@ -7,7 +7,6 @@ checkpoints (and, under ``ddp_spawn``, back to the launching process).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import os
@@ -236,7 +235,7 @@ class MaskedWeights(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if not isinstance(state, dict) or not any(is_dtensor(v) for _, v in _walk(state)):
             return
-        state = checkpoint["callbacks"][self.state_key] = copy.deepcopy(_shallow(state))
+        state = checkpoint["callbacks"][self.state_key] = _shallow(state)  # our own dicts, the same tensors
         distributed = _distributed_checkpoint(trainer)
         digest = hashlib.sha1(self.state_key.encode()).hexdigest()[:12]
         for path, value in list(_walk(state)):
