@@ -285,7 +285,13 @@ def prune_lowest(
     # Resolve inside the bracket in (score, tensor, position) order: candidates are ordered by their keys,
     # then stably by value, so that ties keep that order.
     device = flat[0].device if flat else torch.device("cpu")
-    keys = _keys(inside, [s.shape for s in scores], shards if group is not None else None, group)
+    if group is None:  # one process: the concatenation is in (tensor, position) order already
+        values = torch.cat([f[i].float() for f, i in zip(flat, inside)]) if flat else torch.empty(0)
+        taken = _take(values, _cat(inside_sizes, torch.int64).to(device), budget - below_count, nearest)
+        for mask, index, take in zip(below, inside, taken.split([i.numel() for i in inside])):
+            mask[index[take]] = True
+        return [m.reshape(s.shape) for m, s in zip(below, scores)]
+    keys = _keys(inside, [s.shape for s in scores], shards, group)
     local_values = _cat([f[i].float() for f, i, own in zip(flat, inside, owned) if own], torch.float32)
     local_sizes = _cat([z for z, own in zip(inside_sizes, owned) if own], torch.int64)
     local_keys = _cat([k for k, own in zip(keys, owned) if own], torch.int64)

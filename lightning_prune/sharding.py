@@ -226,7 +226,7 @@ def ravel(index: Tensor, offset: Sequence[int], local_shape: Sequence[int], shap
 
     Example:
         >>> ravel(torch.tensor([0, 3]), (2, 0), (2, 3), (4, 3))
-        tensor([ 6, 9])
+        tensor([6, 9])
     """
     out = torch.zeros_like(index)
     rest = index.clone()
