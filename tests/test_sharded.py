@@ -85,6 +85,51 @@ def test_fsdp2_equals_ddp_bit_for_bit_with_half_the_mask_bytes_and_a_consolidate
     assert [len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"]] == [8]
 
 
+@pytest.fixture
+def fake_rank() -> Any:
+    """Be one rank of a 2-rank world without the other (torch's fake process group: no real communication)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def join(rank: int) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_shards_that_cut_units_are_refused_alike_on_each_rank_with_the_model_untouched(fake_rank):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune import Pruner
+    from lightning_prune.schedules import OneShot
+
+    messages = []
+    for rank in (0, 1):
+        fake_rank(rank)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 26), nn.ReLU(), nn.Linear(26, 8))
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (net[0], net[2]):
+            fully_shard(layer, mesh=mesh)
+        before = [p.to_local().clone() for p in net.parameters()]
+        with pytest.raises(ValueError) as info:
+            Pruner(net, 0.5, "4x1", schedule=OneShot(step=0))
+        messages.append(str(info.value))
+        assert all(torch.equal(b, p.to_local()) for b, p in zip(before, net.parameters()))
+        Pruner(net, 0.5, "1x1", schedule=OneShot(step=0))  # unstructured never cuts a unit
+    assert messages[0] == messages[1]  # both ranks judge every rank's shard: the same error everywhere
+    assert messages[0].startswith(
+        "pattern '4x1' cannot prune '0.weight' (26, 12) as it is sharded (Shard(dim=0) over 2 ranks): the shard "
+        "[0:13, 0:12] of rank 0 cuts its units"
+    )
+
+
+@pytest.mark.slow
 def test_a_shard_that_cuts_units_is_refused_before_training_on_every_rank(tmp_path):
     done = subprocess.run(
         [sys.executable, str(HERE / "sharded_train.py"), str(tmp_path), "--mode", "fsdp", "--hidden", "26"],
