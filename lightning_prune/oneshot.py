@@ -5,6 +5,7 @@
   Pruned in One-Shot", arXiv:2301.00774).
 - :func:`wanda_mask`: per output row, the weights with the lowest ``|W_ij| * ||X_j||_2`` (Sun et al. 2024,
   "A Simple and Effective Pruning Approach for Large Language Models", arXiv:2306.11695); no weight update.
+- :func:`prune_oneshot`: either (or magnitude) over a whole model, block after block, from calibration batches.
 
 Masks are True where a weight is kept. A convolution weight ``[Cout, Cin, *kernel]`` is seen as the matrix
 ``[Cout, prod(kernel) * Cin]`` with the input channel innermost (:func:`~lightning_prune.patterns.as_matrix`):
@@ -13,15 +14,21 @@ Hessians and input norms are over those columns.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
+from lightning_prune.engine.scores import process_group
 from lightning_prune.patterns import as_matrix, from_matrix
+from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
-__all__ = ["sparsegpt_prune", "wanda_mask"]
+__all__ = ["METHODS", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
 
 _PATTERNS = "'unstructured' or 'N:M' (e.g. '2:4')"
 
@@ -47,6 +54,15 @@ def _parse(pattern: str, sparsity: float) -> tuple[int, int] | None:
 def _check_columns(pattern: tuple[int, int] | None, cols: int) -> None:
     if pattern is not None and cols % pattern[1]:
         raise ValueError(f"pattern '{pattern[0]}:{pattern[1]}' needs the input width ({cols}) to be a multiple of M")
+
+
+def _check_sparsegpt(block_size: int, damp: float, nm: tuple[int, int] | None, pattern: str) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0.0:
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    if nm is not None and block_size % nm[1]:
+        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]}) for pattern '{pattern}'")
 
 
 def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
@@ -140,10 +156,7 @@ def sparsegpt_prune(
         (14, True)
     """
     nm = _parse(pattern, sparsity)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0.0:
-        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    _check_sparsegpt(block_size, damp, nm, pattern)
     matrix = as_matrix(weight.detach())
     rows, cols = matrix.shape
     if tuple(hessian.shape) != (cols, cols):
@@ -151,8 +164,6 @@ def sparsegpt_prune(
             f"hessian has shape {tuple(hessian.shape)}; weight {tuple(weight.shape)} needs ({cols}, {cols})"
         )
     _check_columns(nm, cols)
-    if nm is not None and block_size % nm[1]:
-        raise ValueError(f"block_size ({block_size}) must be a multiple of M ({nm[1]}) for pattern '{pattern}'")
     W = matrix.to(torch.float32).clone()
     H = hessian.detach().to(W.device, torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
@@ -194,3 +205,262 @@ def sparsegpt_prune(
     W.mul_(kept)  # exactly zero where pruned, including dead columns the mask kept
     new = from_matrix(W.to(weight.dtype), weight.shape)
     return new.contiguous(), from_matrix(kept, weight.shape).contiguous()
+
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the inputs of the first block are recorded."""
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _default_blocks(model: nn.Module) -> list[str]:
+    """The items of the longest ``nn.ModuleList`` whose items share one class (a transformer's layers)."""
+    best: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
+            best = [f"{name}.{i}" if name else str(i) for i in range(len(module))]
+    return best
+
+
+def _columns(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's inputs as rows of its weight's matrix view: ``[tokens, in]`` (float32)."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        assert not isinstance(padding, str)  # refused up front
+        unfolded = nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        cin, (kh, kw) = x.shape[1], module.kernel_size
+        # unfold orders a column as (cin, kh, kw); the matrix view has the input channel innermost
+        rows = unfolded.reshape(x.shape[0], cin, kh, kw, -1).permute(0, 4, 2, 3, 1)
+        return rows.reshape(-1, kh * kw * cin).float()
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class _Statistics:
+    """Sums of ``x^T x`` (SparseGPT) or of ``x^2`` per column (Wanda) of one target's inputs."""
+
+    def __init__(self, fqn: str, module: nn.Module, method: str) -> None:
+        self.fqn, self.method, self.count = fqn, method, 0
+        self.total: Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._collect)
+
+    def _collect(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = _columns(module, args[0].detach())
+        if not bool(torch.isfinite(x).all()):
+            raise RuntimeError(f"non-finite calibration activations reach '{self.fqn}'")
+        part = x.T @ x if self.method == "sparsegpt" else x.square().sum(0)
+        self.total = part if self.total is None else self.total.add_(part)
+        self.count += x.shape[0]
+
+    def result(self, group: Any) -> tuple[Tensor, int]:
+        self.handle.remove()
+        if group is not None:  # DDP: every rank's calibration batches count
+            count = torch.tensor([float(self.count)])
+            dist.all_reduce(count, group=group)
+            if self.total is not None:
+                dist.all_reduce(self.total, group=group)
+            self.count = int(count)
+        if self.total is None or self.count == 0:
+            raise RuntimeError(f"no calibration input reached '{self.fqn}': check blocks/forward, or exclude it")
+        return self.total, self.count
+
+
+def prune_oneshot(
+    model: nn.Module,
+    batches: Iterable[Any],
+    method: str = "sparsegpt",
+    target_sparsity: float = 0.5,
+    pattern: str = "unstructured",
+    op_types: str | Sequence[str] = ("Linear", "Conv2d"),
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    blocks: str | Sequence[str] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> dict[str, Tensor]:
+    """Prune a trained model once from calibration batches, block after block, without training.
+
+    Blocks (a transformer's layers) are processed in order. Each block's inputs are the outputs of the
+    previous block *after* it was pruned; only one block's statistics (SparseGPT's Hessians ``2/n X^T X``,
+    Wanda's ``sum x^2`` per input) and one block boundary's activations exist at a time. Within a block every
+    target is pruned from one pass over the calibration data. Targets outside every block (e.g. ``lm_head``)
+    are pruned last, from the inputs they see in a full forward pass of the pruned model. Under DDP the
+    statistics are all-reduced, so every rank ends with the same masks and weights.
+
+    Methods: ``"sparsegpt"`` (:func:`sparsegpt_prune`, arXiv:2301.00774), ``"wanda"`` (:func:`wanda_mask`,
+    arXiv:2306.11695) and ``"magnitude"`` (per layer: the lowest ``|w|``; N:M per row).
+
+    Args:
+        model: changed in place (pruned weights set to zero; SparseGPT also updates the kept ones).
+        batches: calibration batches (an iterable; read once).
+        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        target_sparsity: fraction pruned in every target, in [0, 1); with ``"N:M"`` it must be N/M.
+        pattern: ``"unstructured"`` or ``"N:M"``.
+        op_types: module class names whose ``weight`` is pruned (``Linear``, ``Conv2d``).
+        include: regexes; only modules whose full name matches one are pruned.
+        exclude: regexes; modules whose full name matches one are not pruned.
+        blocks: regexes matched against whole module names: the modules processed one after another;
+            default: the items of the longest ``nn.ModuleList`` whose items share one class; without one,
+            the whole model is one block.
+        forward: ``forward(model, batch)`` runs the model on a batch; default ``model(**batch)`` for a
+            mapping, ``model(batch[0])`` for a tuple or list, else ``model(batch)``.
+        block_size: SparseGPT's columns per block.
+        damp: SparseGPT's dampening.
+
+    Returns:
+        The masks by parameter name, True = kept.
+
+    Raises:
+        ValueError: a bad argument (before any weight changes).
+        TypeError: an argument of the wrong type.
+        RuntimeError: a condition found in the data (no calibration input reaches a target, non-finite
+            activations), naming the layer; weights changed before it are restored.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> masks = prune_oneshot(net, [torch.randn(32, 8) for _ in range(4)], "wanda", 0.5)
+        >>> {name: round(1 - m.float().mean().item(), 2) for name, m in masks.items()}
+        {'0.weight': 0.5, '2.weight': 0.5}
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    nm = _parse(pattern, target_sparsity)
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
+    targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
+    modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in targets}
+    for fqn, module in modules.items():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            raise ValueError(f"'{fqn}' is a {type(module).__name__}; one-shot pruning handles Linear and Conv2d")
+        if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.groups != 1):
+            raise ValueError(
+                f"'{fqn}': Conv2d with padding={module.padding!r}, groups={module.groups} is not supported"
+            )
+        _check_columns(nm, as_matrix(module.weight).shape[1])
+    _check_sparsegpt(block_size, damp, nm, pattern)
+    names = dict(model.named_modules())
+    if blocks is None:
+        block_names = _default_blocks(model)
+    else:
+        regexes = compile_patterns("blocks", blocks)
+        block_names = [n for n in names if n and any(r.fullmatch(n) for r in regexes)]
+        if not block_names:
+            raise ValueError(f"blocks {blocks!r} match no module; module names include {list(names)[1:8]}")
+    data = list(batches)
+    if not data:
+        raise ValueError("batches is empty: one-shot pruning needs calibration data")
+    run = forward or _default_forward
+    group = process_group()
+    masks: dict[str, Tensor] = {}
+    originals: dict[str, Tensor] = {}
+
+    def prune(fqns: list[str], stats: dict[str, _Statistics]) -> None:
+        for fqn in fqns:
+            weight = targets[fqn]
+            originals[fqn] = weight.detach().clone()
+            if method == "magnitude":
+                mask = _magnitude_mask(weight.detach(), target_sparsity, nm)
+                new = weight.detach() * mask
+            elif method == "wanda":
+                total, _ = stats[fqn].result(group)
+                mask = wanda_mask(weight, total, target_sparsity, pattern)
+                new = weight.detach() * mask
+            else:
+                total, count = stats[fqn].result(group)
+                new, mask = sparsegpt_prune(weight, total.mul_(2 / count), target_sparsity, pattern, block_size, damp)
+            weight.data.copy_(new)
+            masks[fqn] = mask
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inside = {b: [f for f in targets if f.startswith(f"{b}.")] for b in block_names}
+            if block_names:
+                cached = _block_inputs(model, names[block_names[0]], data, run)
+                for index, block_name in enumerate(block_names):
+                    block = names[block_name]
+                    fqns = inside[block_name]
+                    stats = {f: _Statistics(f, modules[f], method) for f in fqns} if method != "magnitude" else {}
+                    try:
+                        for args, kwargs in cached:
+                            block(*args, **kwargs)
+                    finally:
+                        for s in stats.values():
+                            s.handle.remove()
+                    prune(fqns, stats)
+                    if index + 1 < len(block_names):
+                        cached = [(_next_args(block(*args, **kwargs), args), kwargs) for args, kwargs in cached]
+                del cached
+            rest = [f for f in targets if f not in masks]
+            if rest:
+                stats = {f: _Statistics(f, modules[f], method) for f in rest} if method != "magnitude" else {}
+                try:
+                    for batch in data:
+                        run(model, batch)
+                finally:
+                    for s in stats.values():
+                        s.handle.remove()
+                prune(rest, stats)
+    except Exception:
+        with torch.no_grad():
+            for fqn, original in originals.items():
+                targets[fqn].data.copy_(original)
+        raise
+    finally:
+        model.train(training)
+    return {fqn: masks[fqn] for fqn in targets}
+
+
+def _block_inputs(
+    model: nn.Module, block: nn.Module, data: list[Any], run: Callable[[nn.Module, Any], Any]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The positional and keyword inputs of ``block`` for every batch (the forward stops there)."""
+    cached: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cached.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in data:
+            before = len(cached)
+            with contextlib.suppress(_Stop):
+                run(model, batch)
+            if len(cached) == before:
+                raise RuntimeError("a calibration batch never reached the first block: check blocks and forward")
+    finally:
+        handle.remove()
+    return cached
+
+
+def _next_args(output: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The next block's positional inputs: this block's output (its first element) in place of the first."""
+    hidden = output[0] if isinstance(output, (tuple, list)) else output
+    return (hidden, *args[1:])
+
+
+def _magnitude_mask(weight: Tensor, sparsity: float, nm: tuple[int, int] | None) -> Tensor:
+    """Keep-mask of the largest ``|w|``: per layer (unstructured, exact count), or N of every M per row."""
+    matrix = as_matrix(weight).float().abs()
+    pruned = torch.zeros_like(matrix, dtype=torch.bool)
+    if nm is None:
+        count = round(sparsity * matrix.numel())
+        if count:
+            pruned.view(-1)[torch.sort(matrix.flatten(), stable=True).indices[:count]] = True
+    else:
+        rows, cols = matrix.shape
+        index = torch.sort(matrix.reshape(rows, cols // nm[1], nm[1]), dim=2, stable=True).indices[..., : nm[0]]
+        pruned.view(rows, cols // nm[1], nm[1]).scatter_(2, index, True)
+    return from_matrix(~pruned, weight.shape)

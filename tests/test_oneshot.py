@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from lightning_prune.oneshot import sparsegpt_prune, wanda_mask
+from lightning_prune.oneshot import prune_oneshot, sparsegpt_prune, wanda_mask
 from lightning_prune.patterns import NM
 
 
@@ -125,3 +126,123 @@ def test_bad_input_is_refused_with_the_weight_untouched(call, error, match):
     with pytest.raises(error, match=match):
         call(w, _hessian(x), x.square().sum(0))
     assert torch.equal(w, before)
+
+
+# ---------------------------------------------------------------------------- whole models: prune_oneshot
+class Stack(nn.Module):
+    """Two blocks in a ModuleList and a head: the default blocks are the list's items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _batches(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 16, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_blocks_are_pruned_in_order_each_from_the_pruned_outputs_of_the_one_before(method):
+    model, batches = Stack(), _batches()
+    expected = Stack()  # the same, pruned by hand layer after layer
+    x = torch.cat(batches)
+
+    def prune(layer: nn.Linear, inputs: torch.Tensor) -> None:
+        if method == "sparsegpt":
+            new, _ = sparsegpt_prune(layer.weight, 2 / len(inputs) * inputs.T @ inputs, 0.5, block_size=8)
+        else:
+            new = layer.weight * wanda_mask(layer.weight, inputs.square().sum(0), 0.5)
+        layer.weight.data.copy_(new)
+
+    with torch.no_grad():
+        for block in expected.layers:
+            prune(block[0], x)
+            x = block(x)
+        prune(expected.head, x)
+    masks = prune_oneshot(model, batches, method, 0.5, block_size=8)
+    assert list(masks) == ["layers.0.0.weight", "layers.1.0.weight", "head.weight"]
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        assert torch.allclose(got, want, atol=1e-5), name
+    for name, mask in masks.items():
+        assert not model.get_parameter(name)[~mask].any()
+        assert int((~mask).sum()) == pytest.approx(mask.numel() / 2, abs=mask.shape[1] // 8 + 1)
+
+
+def test_a_llama_from_transformers_with_mapping_batches_and_lm_head_excluded():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    head = model.lm_head.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16), generator=g)} for _ in range(3)]
+    before = model(**batches[0]).logits
+    masks = prune_oneshot(model, batches, "sparsegpt", 0.5, "2:4", exclude=r"lm_head", block_size=16)
+    assert len(masks) == 14 and "lm_head.weight" not in masks  # 7 projections in each of 2 layers
+    assert all(NM(2, 4).conforms(m) and not model.get_parameter(n)[~m].any() for n, m in masks.items())
+    assert torch.equal(model.lm_head.weight, head)
+    assert model.training  # the mode it had
+    after = model(**batches[0]).logits
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    masks = prune_oneshot(model, batches, "wanda", 0.5)  # lm_head included by default: pruned last
+    assert "lm_head.weight" in masks and int((~masks["lm_head.weight"]).sum()) == 64 * 32 // 2
+
+
+def test_magnitude_one_shot_is_the_baseline_per_layer():
+    model = Stack()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = prune_oneshot(model, _batches(1), "magnitude", 0.75)
+    for name, mask in masks.items():
+        w = weights[name]
+        assert int((~mask).sum()) == round(0.75 * w.numel())
+        assert w.abs()[~mask].max() <= w.abs()[mask].min()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "obs"}, ValueError, "method 'obs' is not valid; choose one of 'sparsegpt', 'wanda', 'magnitude'"),
+        ({"pattern": "2:4", "target_sparsity": 0.7}, ValueError, "prunes exactly 2/4"),
+        ({"pattern": "4x1"}, ValueError, "pattern '4x1' is not valid here"),
+        ({"blocks": r"nothing\.\d+"}, ValueError, "blocks .* match no module"),
+        ({"block_size": 0}, ValueError, "block_size must be a positive int"),
+        ({"include": r"nope"}, ValueError, "include"),
+        ({"forward": 3}, TypeError, "forward must be a callable"),
+        ({"batches": []}, ValueError, "batches is empty"),
+        (
+            {"batches": [torch.full((4, 16), math.inf)]},
+            RuntimeError,
+            "non-finite calibration activations reach 'layers.0.0.weight'",
+        ),
+        ({"forward": lambda model, batch: None}, RuntimeError, "never reached the first block"),
+    ],
+)
+def test_prune_oneshot_refuses_bad_input_and_leaves_the_model_as_it_was(kwargs, error, match):
+    model = Stack()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    arguments = {"batches": _batches(2), **kwargs}
+    with pytest.raises(error, match=match):
+        prune_oneshot(model, **arguments)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_failure_in_a_later_block_restores_the_blocks_already_pruned():
+    model = Stack()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.layers[1][0].bias.fill_(math.inf)  # the second block's outputs are not finite: the head fails
+    before["layers.1.0.bias"] = model.layers[1][0].bias.detach().clone()
+    with pytest.raises(RuntimeError, match="non-finite calibration activations reach 'head.weight'"):
+        prune_oneshot(model, _batches(2), "wanda", 0.5)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
