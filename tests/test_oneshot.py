@@ -246,3 +246,31 @@ def test_a_failure_in_a_later_block_restores_the_blocks_already_pruned():
     with pytest.raises(RuntimeError, match="non-finite calibration activations reach 'head.weight'"):
         prune_oneshot(model, _batches(2), "wanda", 0.5)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def _oneshot_on_rank(rank: int, world: int, init: str, out: str, method: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = Stack()
+        masks = prune_oneshot(model, _batches(4)[rank::world], method, 0.5, block_size=8)  # each rank its half
+        torch.save({"masks": masks, "weights": dict(model.state_dict())}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_under_ddp_ranks_split_the_batches_and_end_identical_to_one_process(tmp_path, method):
+    out = str(tmp_path / "oneshot")
+    init = f"file://{tmp_path / 'rdv'}"
+    torch.multiprocessing.spawn(_oneshot_on_rank, args=(2, init, out, method), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    alone = Stack()
+    masks = prune_oneshot(alone, [_batches(4)[i] for i in (0, 2, 1, 3)], method, 0.5, block_size=8)
+    for name in masks:
+        assert torch.equal(ranks[0]["masks"][name], ranks[1]["masks"][name])  # every rank the same
+        assert torch.equal(ranks[0]["masks"][name], masks[name])  # and the one-process masks
+    for name, value in alone.state_dict().items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        assert torch.allclose(ranks[0]["weights"][name], value, atol=1e-5)  # statistics summed in another order
