@@ -38,10 +38,11 @@ __all__ = [
     "SnipMomentum",
     "StateSpec",
     "TargetView",
+    "Wanda",
     "parse_criterion",
 ]
 
-CRITERIA = ("magnitude", "gradient", "snip", "snip_momentum")
+CRITERIA = ("magnitude", "gradient", "snip", "snip_momentum", "wanda")
 STATE_SHAPES = ("weight", "inputs")
 STATE_REDUCTIONS = (None, "sum", "mean", "max")
 
@@ -301,6 +302,68 @@ class SnipMomentum(Criterion):
         return "snip_momentum"
 
 
+class Wanda(Criterion):
+    """Wanda while training: score = |W_ij| · ‖X_j‖₂ (Sun et al. 2024, arXiv:2306.11695).
+
+    ``‖X_j‖₂²`` is the running sum of the squared inputs of input column j (a convolution: input channel j,
+    over batch and positions), gathered by forward hooks on the targets' modules during training forward
+    passes inside the scoring window (never in validation, where modules are in eval mode). The sums are
+    checkpointed with the other states and added up across processes at each event (``reduce="sum"``).
+
+    Example:
+        >>> from lightning_prune.engine import Target
+        >>> layer = nn.Linear(2, 1)
+        >>> _ = torch.nn.init.ones_(layer.weight)
+        >>> target = Target("weight", layer, window=lambda: True)
+        >>> target.state["sq_norms"] = torch.zeros(2)
+        >>> c = Wanda(); c.setup([target])
+        >>> _ = layer(torch.tensor([[3.0, 0.0], [4.0, 1.0]]))
+        >>> c.score(target.state, layer.weight, None)
+        tensor([[5., 1.]])
+        >>> c.teardown()
+    """
+
+    states: ClassVar[Mapping[str, StateSpec]] = {"sq_norms": StateSpec("inputs", reduce="sum")}
+
+    def __init__(self) -> None:
+        self._hooks: list[Any] = []
+
+    def setup(self, targets: Sequence[Any]) -> None:
+        """Hook every target's module to add up its inputs' squares while the window is open."""
+        self.teardown()
+        self._hooks = [t.module.register_forward_pre_hook(self._collector(t)) for t in targets]
+
+    @staticmethod
+    def _collector(target: Any) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def collect(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (module.training and target.collecting and args and isinstance(args[0], Tensor)):
+                return
+            x = args[0].detach().float()
+            if isinstance(module, nn.Linear) or x.dim() < 3:
+                columns = x.reshape(-1, x.shape[-1])
+            else:  # a convolution: input channels along dim 1
+                columns = x.transpose(0, 1).reshape(x.shape[1], -1).T
+            target.state["sq_norms"].add_(columns.square().sum(0))
+
+        return collect
+
+    def teardown(self) -> None:
+        """Remove the hooks."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def score(self, state: dict[str, Tensor], weight: Tensor, grad: Tensor | None) -> Tensor:
+        """|W| times the input column's norm, broadcast over the weight's other dimensions."""
+        norms = state["sq_norms"].sqrt()
+        view = [1] * weight.dim()
+        view[1] = -1
+        return weight.detach().float().abs() * norms.view(view)
+
+    def __repr__(self) -> str:
+        return "wanda"
+
+
 def parse_criterion(criterion: str | Criterion) -> Criterion:
     """Turn a criterion name into a :class:`Criterion`; criterion objects pass through.
 
@@ -321,6 +384,7 @@ def parse_criterion(criterion: str | Criterion) -> Criterion:
         "gradient": Gradient,
         "snip": Snip,
         "snip_momentum": SnipMomentum,
+        "wanda": Wanda,
     }
     key = criterion.strip().lower()
     if key not in table:

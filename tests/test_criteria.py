@@ -73,3 +73,37 @@ def test_parse_rejects():
 def test_snip_momentum_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnipMomentum(**kwargs)
+
+
+def test_wanda_scores_training_inputs_of_the_window_only():
+    from lightning_prune import Pruner
+    from lightning_prune.schedules import OneShot
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)  # weights stay put: the score is easy to recompute
+    pruner = Pruner(layer, 0.5, "unstructured", "wanda", schedule=OneShot(step=2))
+    weight = layer.weight.detach().clone()
+    seen = torch.zeros(8)
+    for step in range(4):
+        x = torch.randn(16, 8) * torch.arange(1, 9)
+        if step == 2:
+            seen += x.square().sum(0)  # only the forward pass of the window's step counts
+            layer.eval()
+            layer(torch.randn(5, 8) * 100)  # a validation pass in the window: ignored
+            layer.train()
+        layer(x).square().mean().backward()
+        event = pruner.before_optimizer_step(step, opt)
+        assert (event is not None) == (step == 2)
+        opt.step()
+        opt.zero_grad()
+        pruner.after_optimizer_step()
+    score = (weight.abs() * seen.sqrt()).flatten()
+    kept = pruner.masks["weight"].flatten()
+    assert int((~kept).sum()) == 16
+    assert torch.equal(kept, score > torch.kthvalue(score, 16).values)  # the 16 lowest |W|·‖X_j‖ pruned
+    assert pruner.states == {}  # hooks and sums released after the last event
+
+
+def test_wanda_is_chosen_by_name():
+    assert str(parse_criterion("wanda")) == "wanda"

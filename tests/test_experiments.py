@@ -68,7 +68,7 @@ def test_groups_are_the_documented_ones():
         "trainer",
     }
     assert {"unstructured", "4x1", "1x4", "2x2", "channelx1", "1xchannel", "2in4"} <= set(options("pattern"))
-    assert set(options("criterion")) == {"magnitude", "gradient", "snip", "snip_momentum"}
+    assert set(options("criterion")) == {"magnitude", "gradient", "snip", "snip_momentum", "wanda"}
     assert set(options("schedule")) == {"oneshot", "iterative"}
     assert set(options("pruner")) == {"basic", "pattern_lock", "progressive", "model_pruning"}
 
