@@ -34,9 +34,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import PHASES, TARGET, Dense, Window, alternate, held_bytes, mid_window, mlp, phase_ratios
-from lightning_prune import Pruner
-from lightning_prune.schedules import Iterative
+from benchmarks.harness import (
+    PHASES,
+    Bench,
+    Dense,
+    alternate,
+    benches,
+    held_bytes,
+    mid_window,
+    phase_ratios,
+    target_weights,
+)
+from benchmarks.step_overhead import Ours
 
 WORLD = 2
 
@@ -78,49 +87,46 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-class ShardedOurs(Dense):
-    """The pruned copy: lightning_prune's engine on a sharded model, collectives at events counted."""
+class ShardedOurs(Ours):
+    """The one-process rows' pruned copy (4x1 snip_momentum), on a sharded model; collectives at events counted."""
 
-    def __init__(self, model: nn.Module, window: Window, targets: list[str]) -> None:
-        super().__init__(model)
-        self.global_step = 0
-        self.events = set(window.events())
+    def __init__(self, model: nn.Module, bench: Bench) -> None:
+        super().__init__(model, bench, "4x1", "snip_momentum")
+        self.events = set(bench.window.events())
         self.sent: dict[int, int] = {}
-        schedule = Iterative(start_step=window.start, end_step=window.end, frequency=window.frequency, decay="exp")
-        self.pruner = Pruner(model, TARGET, "4x1", "snip_momentum", schedule=schedule, include=targets)
 
     def before_optimizer_step(self) -> None:
-        if self.global_step in self.events:
-            sent = [0]
-            with counting(sent):
-                self.pruner.before_optimizer_step(self.global_step, self.opt)
-            self.sent[self.global_step] = sent[0]
-        else:
-            self.pruner.before_optimizer_step(self.global_step, self.opt)
-
-    def after_optimizer_step(self) -> None:
-        self.pruner.after_optimizer_step()
-        self.global_step += 1
-
-    def roots(self) -> tuple[Any, ...]:
-        return (self.model, self.opt, self.pruner)
+        if self.global_step not in self.events:
+            super().before_optimizer_step()
+            return
+        sent = [0]
+        with counting(sent):
+            super().before_optimizer_step()
+        self.sent[self.global_step] = sent[0]
 
 
-def _run(rank: int, init: str, window: Window, batch: int, repeats: int, out: str) -> None:
+def _bench(quick: bool) -> tuple[str, Bench]:
+    """The MLP row of the one-process benchmark (spawned ranks rebuild it: its lambdas do not pickle)."""
+    name = next(n for n in benches(None, quick) if n.startswith("mlp"))
+    return name, benches(None, quick)[name]
+
+
+def _run(rank: int, init: str, quick: bool, repeats: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
+        _, bench = _bench(quick)
+        window = bench.window
         runs, held, sent = [], {}, {}
         mid = mid_window(window)
         for _ in range(repeats):
             torch.manual_seed(0)
-            base = mlp()
-            targets = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)][:-1]
-            unit = sum(base.get_submodule(n).weight.numel() * 4 for n in targets)  # whole pruned weights' bytes
+            base = bench.build()
+            unit = sum(w.numel() * w.element_size() for w in target_weights(base, bench))  # whole pruned weights
             ref = Dense(shard(copy.deepcopy(base)))
-            tool = ShardedOurs(shard(copy.deepcopy(base)), window, targets)
-            g = torch.Generator().manual_seed(rank)
-            x, y = torch.randn(batch // WORLD, 1024, generator=g), torch.randint(0, 10, (batch // WORLD,), generator=g)
+            tool = ShardedOurs(shard(copy.deepcopy(base)), bench)
+            x, y = bench.inputs()  # the global batch; each rank steps its half
+            x, y = x[rank::WORLD], y[rank::WORLD]
 
             def probe(i: int, ref: Dense = ref, tool: ShardedOurs = tool, unit: int = unit) -> None:
                 if i in (mid, window.steps - 1):
@@ -151,14 +157,13 @@ def _run(rank: int, init: str, window: Window, batch: int, repeats: int, out: st
 
 def measure(repeats: int, quick: bool) -> dict[str, Any]:
     """The sharded row: 2 processes spawned here; rank 0's figures."""
-    window = Window(12, 2, 6, 2) if quick else Window(130, 20, 80, 10)
-    batch = 16 if quick else 256
+    name, bench = _bench(quick)
     with tempfile.TemporaryDirectory() as scratch:
         out = str(Path(scratch) / "result.json")
         init = f"file://{Path(scratch) / 'rendezvous'}"
-        torch.multiprocessing.spawn(_run, args=(init, window, batch, repeats, out), nprocs=WORLD)
+        torch.multiprocessing.spawn(_run, args=(init, quick, repeats, out), nprocs=WORLD)
         result = json.loads(Path(out).read_text())
-    return {"model": f"mlp 4x1024, batch {batch}, FSDP2 over {WORLD} ranks", "window": vars(window), **result}
+    return {"model": f"{name}, FSDP2 over {WORLD} ranks", "window": vars(bench.window), **result}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from experiments.data import load_bbc_news
+from experiments.models import shard
 from lightning_prune import Pruning
 from lightning_prune.export import consolidate_checkpoint
 
@@ -47,14 +48,8 @@ class CausalLM(pl.LightningModule):
         self.llm = LlamaForCausalLM(LlamaConfig(**CONFIG))
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if self._device_mesh is None or isinstance(self.llm, FSDPModule):
-            return
-        mesh = self._device_mesh["data_parallel"]
-        for layer in self.llm.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.llm, mesh=mesh)
+        if self._device_mesh is not None:  # each decoder layer, then the whole Llama (see shard)
+            shard(self.llm, self._device_mesh["data_parallel"])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (ids,) = batch

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_prune.engine.pruner import check_fraction
 from lightning_prune.engine.scores import process_group
-from lightning_prune.patterns import as_matrix, from_matrix
+from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
 __all__ = ["METHODS", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
@@ -33,22 +33,27 @@ __all__ = ["METHODS", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
 _PATTERNS = "'unstructured' or 'N:M' (e.g. '2:4')"
 
 
-def _parse(pattern: str, sparsity: float) -> tuple[int, int] | None:
+def _parse(pattern: str, sparsity: float, name: str = "sparsity") -> tuple[int, int] | None:
     """``(n, m)`` for an N:M pattern (whose sparsity must be N/M), None for unstructured; ValueError otherwise."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not isinstance(pattern, str):
-        raise TypeError(f"pattern must be a str, {_PATTERNS}; got {type(pattern).__name__} {pattern!r}")
-    text = pattern.strip().lower()
-    if text == "unstructured":
+    sparsity = check_fraction(name, sparsity, upper_open=True)
+    parsed = parse_pattern(pattern)
+    if isinstance(parsed, Unstructured):
         return None
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if match is None or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"pattern {pattern!r} is not valid here; choose {_PATTERNS} with 0 < N < M")
-    n, m = int(match[1]), int(match[2])
+    if not isinstance(parsed, NM):
+        raise ValueError(f"pattern {pattern!r} is not valid here; choose {_PATTERNS}")
+    n, m = parsed.n, parsed.m
     if not math.isclose(sparsity, n / m, abs_tol=1e-9):
         raise ValueError(f"pattern '{n}:{m}' prunes exactly {n}/{m} of the weights; sparsity {sparsity} differs")
     return n, m
+
+
+def _lowest_per_group(score: Tensor, n: int, m: int) -> Tensor:
+    """Bool ``[rows, cols]``: the ``n`` lowest of every ``m`` consecutive entries of each row (ties: lower index)."""
+    rows, cols = score.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    index = torch.sort(score.reshape(rows, cols // m, m), dim=2, stable=True).indices[..., :n]
+    pruned.view(rows, cols // m, m).scatter_(2, index, True)
+    return pruned
 
 
 def _check_columns(pattern: tuple[int, int] | None, cols: int) -> None:
@@ -97,17 +102,12 @@ def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, pattern:
         raise ValueError(f"input_sq_norms has {norms.numel()} entries; weight {tuple(weight.shape)} has {cols} columns")
     _check_columns(nm, cols)
     score = matrix.float().abs() * norms.to(matrix.device, torch.float32).clamp_min(0.0).sqrt()
+    if nm is not None:
+        return from_matrix(~_lowest_per_group(score, *nm), weight.shape)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=matrix.device)
-    if nm is None:
-        count = math.floor(cols * sparsity)
-        if count:
-            index = torch.sort(score, dim=1, stable=True).indices[:, :count]
-            pruned.scatter_(1, index, True)
-    else:
-        n, m = nm
-        groups = score.reshape(rows, cols // m, m)
-        index = torch.sort(groups, dim=2, stable=True).indices[..., :n]
-        pruned.view(rows, cols // m, m).scatter_(2, index, True)
+    count = math.floor(cols * sparsity)
+    if count:
+        pruned.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :count], True)
     return from_matrix(~pruned, weight.shape)
 
 
@@ -261,7 +261,6 @@ class _Statistics:
         self.count += x.shape[0]
 
     def result(self, group: Any) -> tuple[Tensor, int]:
-        self.handle.remove()
         if group is not None:  # DDP: every rank's calibration batches count
             count = torch.tensor([float(self.count)])
             dist.all_reduce(count, group=group)
@@ -334,7 +333,7 @@ def prune_oneshot(
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    nm = _parse(pattern, target_sparsity)
+    nm = _parse(pattern, target_sparsity, "target_sparsity")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
     targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
@@ -381,37 +380,37 @@ def prune_oneshot(
             weight.data.copy_(new)
             masks[fqn] = mask
 
+    def observe(
+        fqns: list[str], call: Callable[..., Any], inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> None:
+        """Statistics of ``fqns`` while ``call(*args, **kwargs)`` runs on every input, then their pruning."""
+        stats = {f: _Statistics(f, modules[f], method) for f in fqns}
+        try:
+            for args, kwargs in inputs:
+                call(*args, **kwargs)
+        finally:
+            for s in stats.values():
+                s.handle.remove()
+        prune(fqns, stats)
+
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            inside = {b: [f for f in targets if f.startswith(f"{b}.")] for b in block_names}
-            if block_names:
+            if method == "magnitude":  # no data needed
+                prune(list(targets), {})
+            elif block_names:
                 cached = _block_inputs(model, names[block_names[0]], data, run)
                 for index, block_name in enumerate(block_names):
                     block = names[block_name]
-                    fqns = inside[block_name]
-                    stats = {f: _Statistics(f, modules[f], method) for f in fqns} if method != "magnitude" else {}
-                    try:
-                        for args, kwargs in cached:
-                            block(*args, **kwargs)
-                    finally:
-                        for s in stats.values():
-                            s.handle.remove()
-                    prune(fqns, stats)
+                    fqns = [f for f in targets if f.startswith(f"{block_name}.")]
+                    observe(fqns, block, cached)
                     if index + 1 < len(block_names):
                         cached = [(_next_args(block(*args, **kwargs), args), kwargs) for args, kwargs in cached]
                 del cached
             rest = [f for f in targets if f not in masks]
             if rest:
-                stats = {f: _Statistics(f, modules[f], method) for f in rest} if method != "magnitude" else {}
-                try:
-                    for batch in data:
-                        run(model, batch)
-                finally:
-                    for s in stats.values():
-                        s.handle.remove()
-                prune(rest, stats)
+                observe(rest, lambda batch: run(model, batch), [((batch,), {}) for batch in data])
     except Exception:
         with torch.no_grad():
             for fqn, original in originals.items():
@@ -454,13 +453,10 @@ def _next_args(output: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 def _magnitude_mask(weight: Tensor, sparsity: float, nm: tuple[int, int] | None) -> Tensor:
     """Keep-mask of the largest ``|w|``: per layer (unstructured, exact count), or N of every M per row."""
     matrix = as_matrix(weight).float().abs()
+    if nm is not None:
+        return from_matrix(~_lowest_per_group(matrix, *nm), weight.shape)
     pruned = torch.zeros_like(matrix, dtype=torch.bool)
-    if nm is None:
-        count = round(sparsity * matrix.numel())
-        if count:
-            pruned.view(-1)[torch.sort(matrix.flatten(), stable=True).indices[:count]] = True
-    else:
-        rows, cols = matrix.shape
-        index = torch.sort(matrix.reshape(rows, cols // nm[1], nm[1]), dim=2, stable=True).indices[..., : nm[0]]
-        pruned.view(rows, cols // nm[1], nm[1]).scatter_(2, index, True)
+    count = round(sparsity * matrix.numel())
+    if count:
+        pruned.view(-1)[torch.sort(matrix.flatten(), stable=True).indices[:count]] = True
     return from_matrix(~pruned, weight.shape)

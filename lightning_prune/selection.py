@@ -75,11 +75,7 @@ def _sum(value: int, group: Any) -> int:
 
 def _gather(t: Tensor, group: Any) -> list[Tensor]:
     """Every process's ``t``, in rank order (``[t]`` without a group)."""
-    if group is None:
-        return [t]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, t.cpu(), group=group)
-    return [o.to(t.device) for o in out]
+    return [part[0].to(t.device) for part in _gather_many((t,), group)]
 
 
 def _gather_many(tensors: tuple[Tensor, ...], group: Any) -> list[tuple[Tensor, ...]]:

@@ -11,7 +11,7 @@ out of its plan) is *counted* by one of them only, its owner, so that no weight 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +20,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "CHECKPOINT_PREFIX",
     "Box",
     "all_reduce_ints",
     "box_of",
     "every_box",
     "is_dtensor",
     "local",
+    "mark",
+    "marked",
     "placed",
+    "put",
     "ravel",
     "sharded_group",
     "template_like",
+    "walk",
 ]
 
 try:  # torch.distributed.tensor exists on every platform with distributed support
@@ -193,6 +198,43 @@ def template_like(like: Tensor | None, shape: Sequence[int], dtype: torch.dtype)
 
     local_shape, _ = compute_local_shape_and_global_offset(tuple(shape), like.device_mesh, like.placements)  # type: ignore[attr-defined]
     return placed(torch.empty(tuple(local_shape), dtype=dtype, device=local(like).device), like, shape)
+
+
+# A callback state entry whose tensor lives in a distributed checkpoint's state_dict: a string "dcp:<key>", the
+# key starting with CHECKPOINT_PREFIX (callback state itself is written by rank 0 alone).
+CHECKPOINT_PREFIX = "lightning_prune."
+_MARK = "dcp:"
+
+
+def mark(key: str) -> str:
+    """The marker left in callback state for a tensor saved under ``key`` in the distributed checkpoint."""
+    return _MARK + key
+
+
+def marked(value: object) -> str | None:
+    """The distributed-checkpoint key a marker names, or None for any other value.
+
+    Example:
+        >>> marked(mark("lightning_prune.a.masks.w")), marked("4x1")
+        ('lightning_prune.a.masks.w', None)
+    """
+    return value[len(_MARK) :] if isinstance(value, str) and value.startswith(_MARK) else None
+
+
+def walk(state: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every ``(path, value)`` of the tensors and strings nested in ``state``'s mappings."""
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from walk(value, (*path, str(key)))
+    elif isinstance(state, (Tensor, str)):
+        yield path, state
+
+
+def put(state: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set the entry of nested mappings at ``path`` (as :func:`walk` gives it)."""
+    for key in path[:-1]:
+        state = state[key]
+    state[path[-1]] = value
 
 
 def sharded_group(params: Sequence[Tensor]) -> Any:

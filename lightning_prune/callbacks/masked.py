@@ -27,15 +27,13 @@ from typing_extensions import override
 
 from lightning_prune.engine import MaskKeeper
 from lightning_prune.report import SparsityRow, format_report
-from lightning_prune.sharding import is_dtensor, template_like
+from lightning_prune.sharding import CHECKPOINT_PREFIX, is_dtensor, mark, marked, put, template_like, walk
 
 __all__ = ["FromEngine", "MaskedWeights"]
 
 # Strategies that shard parameters into flat slices (FSDP1 flat parameters, DeepSpeed ZeRO): a rank holds a
 # run of elements that cuts across rows, so no mask or unit maps onto it (README, "Sharded training").
 _FLAT_SHARDING = ("FSDPStrategy", "DeepSpeedStrategy")
-_PREFIX = "lightning_prune"  # keys of sharded callback state inside a distributed checkpoint's state_dict
-_MARK = "dcp:"  # a callback state entry saved in the distributed checkpoint under the key that follows
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:
@@ -56,21 +54,6 @@ def _distributed_checkpoint(trainer: pl.Trainer) -> bool:
     return type(strategy).__name__ == "ModelParallelStrategy" and bool(
         getattr(strategy, "_save_distributed_checkpoint", False)
     )
-
-
-def _walk(state: Any, path: tuple[str, ...] = ()) -> Any:
-    """Every (path, value) of the tensors and strings nested in ``state``'s mappings."""
-    if isinstance(state, Mapping):
-        for key, value in state.items():
-            yield from _walk(value, (*path, str(key)))
-    elif isinstance(state, (Tensor, str)):
-        yield path, state
-
-
-def _put(state: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        state = state[key]
-    state[path[-1]] = value
 
 
 # Callbacks that have a state key and have not finished a fit, by the key their settings give: to tell apart
@@ -100,10 +83,10 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
     out = _shallow(state)
     templates: dict[str, Tensor] = {}
     where: dict[str, tuple[str, ...]] = {}
-    for entry, value in list(_walk(out)):
-        if not (isinstance(value, str) and value.startswith(_MARK)):
+    for entry, value in list(walk(out)):
+        key = marked(value)
+        if key is None:
             continue
-        key = value[len(_MARK) :]
         meta = saved.get(f"state_dict.{key}")
         if not isinstance(meta, TensorStorageMetadata):
             raise ValueError(f"the distributed checkpoint at {path} lacks {key!r}, which the callback state names")
@@ -112,7 +95,7 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
         where[key] = entry
     dcp.load({"state_dict": templates}, checkpoint_id=str(path))
     for key, entry in where.items():
-        _put(out, entry, templates[key])
+        put(out, entry, templates[key])
     return out
 
 
@@ -233,20 +216,20 @@ class MaskedWeights(Callback):
         Otherwise (one consolidated file) DTensors are gathered into whole tensors.
         """
         state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if not isinstance(state, dict) or not any(is_dtensor(v) for _, v in _walk(state)):
+        if not isinstance(state, dict) or not any(is_dtensor(v) for _, v in walk(state)):
             return
         state = checkpoint["callbacks"][self.state_key] = _shallow(state)  # our own dicts, the same tensors
         distributed = _distributed_checkpoint(trainer)
         digest = hashlib.sha1(self.state_key.encode()).hexdigest()[:12]
-        for path, value in list(_walk(state)):
+        for path, value in list(walk(state)):
             if not is_dtensor(value):
                 continue
             if distributed:
-                key = ".".join((_PREFIX, digest, *path))
+                key = CHECKPOINT_PREFIX + ".".join((digest, *path))
                 checkpoint["state_dict"][key] = value
-                _put(state, path, _MARK + key)
+                put(state, path, mark(key))
             else:
-                _put(state, path, value.full_tensor())
+                put(state, path, value.full_tensor())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -266,7 +249,7 @@ class MaskedWeights(Callback):
         """Bind the engine to the model: targets resolved, masks restored or carried over, zeros applied."""
         self._check_unclaimed(trainer, pl_module)
         state, self._pending = self._pending, None
-        if state is not None and any(isinstance(v, str) and v.startswith(_MARK) for _, v in _walk(state)):
+        if state is not None and any(marked(v) is not None for _, v in walk(state)):
             state = _load_sharded(state, pl_module, trainer.ckpt_path)
         self._bind(trainer, pl_module, state)
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from lightning_prune.sharding import CHECKPOINT_PREFIX, marked, put, walk
+
 __all__ = ["consolidate_checkpoint"]
 
 _META = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards: everything but weights
-_MARK = "dcp:"  # a callback state entry kept in the shards under the key that follows
-_PREFIX = "lightning_prune."
 
 
 def consolidate_checkpoint(path: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
@@ -63,9 +63,11 @@ def consolidate_checkpoint(path: str | os.PathLike[str], output: str | os.PathLi
     meta = torch.load(source / _META, map_location="cpu", weights_only=True)
     state_dict: dict[str, Any] = whole.pop("state_dict")
     for state in meta.get("callbacks", {}).values():
-        if isinstance(state, dict):
-            _restore_marked(state, state_dict)
-    for key in [k for k in state_dict if k.startswith(_PREFIX)]:  # stray entries of callbacks not in meta
+        for entry, value in list(walk(state)):  # markers back to the tensors the shards carried
+            key = marked(value)
+            if key is not None and key in state_dict:
+                put(state, entry, state_dict.pop(key))
+    for key in [k for k in state_dict if k.startswith(CHECKPOINT_PREFIX)]:  # stray entries of callbacks not in meta
         del state_dict[key]
     checkpoint = {**meta, "state_dict": state_dict}
     optimizers = sorted((k for k in whole if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
@@ -74,15 +76,6 @@ def consolidate_checkpoint(path: str | os.PathLike[str], output: str | os.PathLi
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, target)
     return target
-
-
-def _restore_marked(state: dict[str, Any], tensors: dict[str, Any]) -> None:
-    """Replace every marker nested in ``state`` by its tensor, taken out of ``tensors``."""
-    for key, value in state.items():
-        if isinstance(value, dict):
-            _restore_marked(value, tensors)
-        elif isinstance(value, str) and value.startswith(_MARK) and value[len(_MARK) :] in tensors:
-            state[key] = tensors.pop(value[len(_MARK) :])
 
 
 def _numbered(optimizer: Mapping[str, Any]) -> dict[str, Any]:
