@@ -152,7 +152,7 @@ class GroupLassoStep(Regularization):
         if not is_dtensor(weight):
             return weight
         box = box_of(weight, sharded=True)
-        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+        found = box.units(self.pattern)
         return local(weight) if found is not None and not found[2] else weight
 
 

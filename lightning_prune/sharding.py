@@ -24,6 +24,7 @@ __all__ = [
     "Box",
     "all_reduce_ints",
     "box_of",
+    "crop",
     "every_box",
     "is_dtensor",
     "local",
@@ -87,6 +88,25 @@ class Box:
     def describe(self) -> str:
         """The shard as slices, e.g. ``[13:26, 0:5]``, for error messages."""
         return "[" + ", ".join(f"{a}:{a + n}" for a, n in zip(self.offset, self.local_shape)) + "]"
+
+    def units(self, pattern: Any) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
+        """Where this shard's units of ``pattern`` sit (see ``Pattern.shard_units``); None if it cuts one."""
+        return pattern.shard_units(self.shape, self.offset, self.local_shape)
+
+    def crop(self, whole: Tensor) -> Tensor:
+        """The part of a tensor shaped like the whole weight that this shard covers."""
+        return crop(whole, self.offset, self.local_shape)
+
+
+def crop(whole: Tensor, offset: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """The box of ``whole`` at ``offset`` of ``shape`` (a view).
+
+    Example:
+        >>> crop(torch.arange(6).reshape(2, 3), (0, 1), (2, 2))
+        tensor([[1, 2],
+                [4, 5]])
+    """
+    return whole[tuple(slice(a, a + n) for a, n in zip(offset, shape))]
 
 
 def _local_shape_and_offset(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

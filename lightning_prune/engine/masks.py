@@ -149,7 +149,7 @@ class MaskKeeper:
                 continue
             placements, mesh = param.placements, param.device_mesh  # type: ignore[attr-defined]
             for rank, box in every_box(param):
-                if pattern.shard_units(box.shape, box.offset, box.local_shape) is None:
+                if box.units(pattern) is None:
                     raise ValueError(
                         f"pattern '{pattern}' cannot prune '{fqn}' {tuple(param.shape)} as it is sharded "
                         f"({', '.join(map(repr, placements))} over {mesh.size()} ranks): the "
@@ -273,7 +273,7 @@ class MaskKeeper:
             return local(whole)
         if box is None or box.local_shape == box.shape:
             return whole
-        return whole[tuple(slice(a, a + n) for a, n in zip(box.offset, box.local_shape))]
+        return box.crop(whole)
 
     def _masks_changed(self) -> None:
         """Call after masks lost entries: refresh multipliers, zero the weights, re-check optimizer state.

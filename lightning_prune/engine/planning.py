@@ -135,7 +135,7 @@ def _shard_units(
     rank's partial sums (``mean * elements``) are all-reduced, replicas adding nothing. Every rank then holds
     all of them and rank 0 counts them.
     """
-    found = pattern.shard_units(box.shape, box.offset, box.local_shape)
+    found = box.units(pattern)
     assert found is not None, "shards that cut units are refused at bind"
     grid, offset, partial = found
     if not partial:

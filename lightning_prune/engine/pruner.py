@@ -296,7 +296,7 @@ class Pruner(MaskKeeper):
     def _cut(self, fqn: str) -> bool:
         """Whether the shard of ``fqn`` cuts units whose scores are summed over ranks (sharded channels)."""
         box = self._boxes[fqn]
-        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+        found = box.units(self.pattern)
         return found is not None and found[2]
 
     def _adopt(self, model: nn.Module, state: Mapping[str, Any] | None, carried: bool) -> None:
@@ -493,7 +493,7 @@ class Pruner(MaskKeeper):
             return value.cpu()
         box = self._boxes[fqn]
         if self._states is not None and self._states.per_unit:
-            found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+            found = box.units(self.pattern)
             assert found is not None
             return placed(value.cpu(), weight, found[0])
         return placed(value.cpu(), weight)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_prune.criteria import Criterion, StateSpec
 from lightning_prune.patterns import Pattern
-from lightning_prune.sharding import Box, is_dtensor, local
+from lightning_prune.sharding import Box, crop, is_dtensor, local
 
 __all__ = ["Target", "TargetStates"]
 
@@ -188,11 +188,11 @@ class TargetStates:
         if box is None or spec.shape != "weight" or box.local_shape == box.shape:
             return value
         if tuple(value.shape) == box.shape:  # a whole per-weight state
-            return value[tuple(slice(a, a + n) for a, n in zip(box.offset, box.local_shape))]
-        found = self.pattern.shard_units(box.shape, box.offset, box.local_shape)
+            return box.crop(value)
+        found = box.units(self.pattern)
         if self.per_unit and found is not None and tuple(value.shape) == tuple(found[0]):  # whole, per unit
             local_units = self.shape(spec, box.local_shape)
-            return value[tuple(slice(a, a + n) for a, n in zip(found[1], local_units))]
+            return crop(value, found[1], local_units)
         return value
 
 
