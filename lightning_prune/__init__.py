@@ -18,11 +18,12 @@ from lightning_prune.engine import MaskLock, ProgressivePruner, Pruner
 from lightning_prune.report import SparsityRow, format_report, sparsity_report
 
 if TYPE_CHECKING:
-    from lightning_prune.callbacks import GroupLasso, PatternLock, ProgressivePruning, Pruning
+    from lightning_prune.callbacks import GroupLasso, OneShotPruning, PatternLock, ProgressivePruning, Pruning
 
 __all__ = [
     "GroupLasso",
     "MaskLock",
+    "OneShotPruning",
     "PatternLock",
     "ProgressivePruner",
     "ProgressivePruning",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_CALLBACKS = ("GroupLasso", "PatternLock", "ProgressivePruning", "Pruning")
+_CALLBACKS = ("GroupLasso", "OneShotPruning", "PatternLock", "ProgressivePruning", "Pruning")
 
 
 def __getattr__(name: str) -> Any:

@@ -28,7 +28,7 @@ from lightning_prune.engine.scores import process_group
 from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
-__all__ = ["METHODS", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
+__all__ = ["METHODS", "check_arguments", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
 
 _PATTERNS = "'unstructured' or 'N:M' (e.g. '2:4')"
 
@@ -331,11 +331,7 @@ def prune_oneshot(
         >>> {name: round(1 - m.float().mean().item(), 2) for name, m in masks.items()}
         {'0.weight': 0.5, '2.weight': 0.5}
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
-    nm = _parse(pattern, target_sparsity, "target_sparsity")
-    if forward is not None and not callable(forward):
-        raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
+    nm = check_arguments(method, target_sparsity, pattern, forward, block_size, damp)
     targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
     modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in targets}
     for fqn, module in modules.items():
@@ -346,7 +342,6 @@ def prune_oneshot(
                 f"'{fqn}': Conv2d with padding={module.padding!r}, groups={module.groups} is not supported"
             )
         _check_columns(nm, as_matrix(module.weight).shape[1])
-    _check_sparsegpt(block_size, damp, nm, pattern)
     names = dict(model.named_modules())
     if blocks is None:
         block_names = _default_blocks(model)
@@ -419,6 +414,33 @@ def prune_oneshot(
     finally:
         model.train(training)
     return {fqn: masks[fqn] for fqn in targets}
+
+
+def check_arguments(
+    method: str,
+    target_sparsity: float,
+    pattern: str,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[int, int] | None:
+    """Validate :func:`prune_oneshot`'s model-independent arguments; ``(N, M)`` for an N:M pattern, else None.
+
+    Raises:
+        ValueError: a value out of its range or not among the choices (the message names both).
+        TypeError: ``forward`` is not callable.
+
+    Example:
+        >>> check_arguments("wanda", 0.5, "2:4")
+        (2, 4)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    nm = _parse(str(pattern), target_sparsity, "target_sparsity")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
+    _check_sparsegpt(block_size, damp, nm, str(pattern))
+    return nm
 
 
 def _block_inputs(

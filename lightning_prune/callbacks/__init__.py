@@ -2,8 +2,9 @@
 
 from lightning_prune.callbacks.group_lasso import GroupLasso
 from lightning_prune.callbacks.masked import MaskedWeights
+from lightning_prune.callbacks.oneshot import OneShotPruning
 from lightning_prune.callbacks.pattern_lock import PatternLock
 from lightning_prune.callbacks.progressive import ProgressivePruning
 from lightning_prune.callbacks.pruning import Pruning
 
-__all__ = ["GroupLasso", "MaskedWeights", "PatternLock", "ProgressivePruning", "Pruning"]
+__all__ = ["GroupLasso", "MaskedWeights", "OneShotPruning", "PatternLock", "ProgressivePruning", "Pruning"]
