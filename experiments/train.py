@@ -5,6 +5,8 @@ Usage (from the repository root):
     python experiments/train.py pattern=2in4 criterion=magnitude schedule.decay=cos pruner.target_sparsity=0.5
     python experiments/train.py -m pattern=4x1,2in4 pruner.target_sparsity=0.5,0.7   # then experiments/report.py
     python experiments/train.py experiment=nlp_minilm_bbc
+    python experiments/train.py pruner=sparsegpt                     # one-shot from the dense weights, evaluated
+    python experiments/train.py -m pruner=sparsegpt,wanda pattern=unstructured,2in4 finetune_steps=0,100
 
 Into the Hydra run folder: results.json, sparsity_vs_step.png, layer_sparsity.png, mask.png, pruned.ckpt and
 the logger's files. The dense baseline is trained once per output folder (the sweep folder under -m) and
@@ -40,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import experiments
 from experiments import plots
 from experiments.timing import latency
-from lightning_prune import PatternLock, Pruning, format_report
+from lightning_prune import OneShotPruning, PatternLock, Pruning, format_report
 from lightning_prune.callbacks import MaskedWeights
 from lightning_prune.export import make_permanent, save_sparse, slim
 
@@ -65,15 +67,23 @@ class SparsityTrace(pl.Callback):
         self.rows.append({"step": step, "target": target, "achieved": achieved})
 
 
-def _fit_and_test(cfg: DictConfig, callbacks: list[pl.Callback], init_from: str | None) -> dict[str, Any]:
+def _fit_and_test(
+    cfg: DictConfig,
+    callbacks: list[pl.Callback],
+    init_from: str | dict[str, torch.Tensor] | None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    if init_from:
-        state = torch.load(init_from, map_location="cpu", weights_only=True)
+    if init_from is not None:
+        state = (
+            init_from if isinstance(init_from, dict) else torch.load(init_from, map_location="cpu", weights_only=True)
+        )
         model.load_state_dict(state.get("state_dict", state), strict=True)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    steps = {} if max_steps is None else {"max_steps": max_steps}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - start
@@ -121,21 +131,32 @@ def dense_cache_dir(cfg: DictConfig, out: Path) -> Path:
     return Path(HydraConfig.get().sweep.dir) / "dense_baselines" if _multirun() else out / "dense_baselines"
 
 
-def dense_baseline(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
-    """Train the dense model, or reuse the one trained earlier with the same data, model, trainer and seed."""
+def dense_baseline(cfg: DictConfig, out: Path, weights: bool = False) -> dict[str, Any] | None:
+    """Train the dense model, or reuse the one trained earlier with the same data, model, trainer and seed.
+
+    With ``weights`` the record also holds the trained weights (``"state"``), kept next to the record for
+    later runs (one-shot pruners start from them).
+    """
     if cfg.dense == "skip":
         return None
     cache = dense_cache_dir(cfg, out) / f"{_dense_key(cfg)}.json"
-    if cfg.dense == "reuse" and cache.exists():
+    saved = cache.with_suffix(".pt")
+    if cfg.dense == "reuse" and cache.exists() and (saved.exists() or not weights):
         log.info("dense baseline reused from %s", cache)
-        return {**json.loads(cache.read_text()), "reused_from": str(cache)}
+        record = {**json.loads(cache.read_text()), "reused_from": str(cache)}
+        if weights:
+            record["state"] = torch.load(saved, map_location="cpu", weights_only=True)
+        return record
     _say(f"dense:  training {cfg.steps} steps ...")
     result = _fit_and_test(cfg.copy(), [], cfg.init_from)
     record = {"accuracy": result["accuracy"], "seconds": result["seconds"]}
+    state = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()}
     if result["trainer"].is_global_zero:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(record))
-    return record
+        if not any(hasattr(v, "full_tensor") for v in state.values()):  # a sharded model is not kept
+            torch.save(state, saved)
+    return {**record, "state": state} if weights else record
 
 
 def _say(line: str) -> None:
@@ -165,10 +186,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "pruner=pattern_lock locks the zeros of a sparse model: set init_from=<checkpoint>, e.g. the "
             "pruned.ckpt that a pruning run wrote into its folder"
         )
-    dense = dense_baseline(cfg, out)
+    oneshot = isinstance(pruner, OneShotPruning)
+    if oneshot and cfg.dense == "skip" and not cfg.init_from:
+        raise ValueError(
+            "one-shot pruners prune a trained model: with dense=skip set init_from=<checkpoint of trained weights>"
+        )
+    steps = cfg.get("finetune_steps")
+    steps = int(cfg.steps if steps is None and not oneshot else steps or 0)
+    if steps < 0:
+        raise ValueError(f"finetune_steps={steps} is not valid; choose a number of optimizer steps >= 0, or null")
+    dense = dense_baseline(cfg, out, weights=oneshot and not cfg.init_from)
+    start = cfg.init_from or (dense or {}).get("state")
     trace = SparsityTrace(pruner)
-    _say(f"pruned: training {cfg.steps} steps with {type(pruner).__name__} ...")
-    pruned = _fit_and_test(cfg, [pruner, trace], cfg.init_from)
+    verb = f"pruned by {pruner.method}, then " if oneshot else ""
+    _say(f"pruned: {verb}training {steps} steps with {type(pruner).__name__} ...")
+    pruned = _fit_and_test(cfg, [pruner, trace], start, max_steps=steps)
     trainer, model = pruned["trainer"], pruned["model"]
     if not cfg.trainer.get("fast_dev_run"):
         trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)  # every rank calls it; rank zero writes
@@ -183,7 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "status": "ok",
         "pruner": type(pruner).__name__,
         "pattern": str(getattr(pruner, "pattern", None)),
-        "criterion": str(getattr(pruner, "criterion", None)),
+        "criterion": str(getattr(pruner, "criterion", getattr(pruner, "method", None))),
         "schedule": repr(getattr(pruner, "schedule", None)),
         "target_sparsity": getattr(pruner, "target_sparsity", None),
         "sparsity": pruner.sparsity(),
@@ -200,9 +232,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("export", "none") != "none":
         results["export"] = export(cfg.export, model, masks, pruned["datamodule"], out)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    if cfg.plots and trace.rows:
-        title = f"{results['pruner']} {results['pattern']} {results['criterion']}"
-        plots.sparsity_vs_step(trace.rows, out / "sparsity_vs_step.png", title)
+    if cfg.plots and layers:
+        if trace.rows:
+            title = f"{results['pruner']} {results['pattern']} {results['criterion']}"
+            plots.sparsity_vs_step(trace.rows, out / "sparsity_vs_step.png", title)
         plots.layer_sparsity(layers, out / "layer_sparsity.png", f"per-layer sparsity, total {results['sparsity']:.3f}")
         # the layer whose sparsity is nearest the total, among the larger ones: a typical mask
         big = {n: m for n, m in masks.items() if m.numel() >= 1024} or masks

@@ -28,7 +28,7 @@ from lightning_prune.engine.scores import process_group
 from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
-__all__ = ["METHODS", "check_arguments", "prune_oneshot", "sparsegpt_prune", "wanda_mask"]
+__all__ = ["METHODS", "check_arguments", "prune_oneshot", "sparsegpt_prune", "target_modules", "wanda_mask"]
 
 _PATTERNS = "'unstructured' or 'N:M' (e.g. '2:4')"
 
@@ -47,18 +47,30 @@ def _parse(pattern: str, sparsity: float, name: str = "sparsity") -> tuple[int, 
     return n, m
 
 
+def _partial(n: int, m: int, width: int) -> int:
+    """How many of a group of ``width <= m`` inputs N:M prunes.
+
+    ``n``, or ``floor(n * width / m)`` for the last, partial group of a row whose width is not a multiple of ``m``
+    (as :class:`~lightning_prune.patterns.NM`).
+    """
+    return n if width == m else n * width // m
+
+
 def _lowest_per_group(score: Tensor, n: int, m: int) -> Tensor:
-    """Bool ``[rows, cols]``: the ``n`` lowest of every ``m`` consecutive entries of each row (ties: lower index)."""
+    """Bool ``[rows, cols]``: the ``n`` lowest of every ``m`` consecutive entries of each row (ties: lower index).
+
+    A last, partial group of ``r < m`` entries has its ``floor(n * r / m)`` lowest marked.
+    """
     rows, cols = score.shape
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
-    index = torch.sort(score.reshape(rows, cols // m, m), dim=2, stable=True).indices[..., :n]
-    pruned.view(rows, cols // m, m).scatter_(2, index, True)
-    return pruned
-
-
-def _check_columns(pattern: tuple[int, int] | None, cols: int) -> None:
-    if pattern is not None and cols % pattern[1]:
-        raise ValueError(f"pattern '{pattern[0]}:{pattern[1]}' needs the input width ({cols}) to be a multiple of M")
+    pad = -cols % m
+    padded = nn.functional.pad(score, (0, pad), value=math.inf) if pad else score
+    groups = padded.shape[1] // m
+    pruned = torch.zeros(rows, groups, m, dtype=torch.bool, device=score.device)
+    index = torch.sort(padded.reshape(rows, groups, m), dim=2, stable=True).indices[..., :n]
+    slots = torch.ones_like(index, dtype=torch.bool)
+    slots[:, -1, _partial(n, m, m - pad) :] = False
+    pruned.scatter_(2, index, slots)
+    return pruned.reshape(rows, groups * m)[:, :cols]
 
 
 def _check_sparsegpt(block_size: int, damp: float, nm: tuple[int, int] | None, pattern: str) -> None:
@@ -74,8 +86,9 @@ def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, pattern:
     """Wanda's mask: per output row, prune the weights of lowest ``|W_ij| * ||X_j||_2`` (arXiv:2306.11695).
 
     The comparison group is each output row: unstructured prunes exactly ``floor(cols * sparsity)`` weights
-    of every row; ``N:M`` prunes the ``N`` lowest of every ``M`` consecutive inputs of every row. Ties go to the
-    lower column index.
+    of every row; ``N:M`` prunes the ``N`` lowest of every ``M`` consecutive inputs of every row (a last, partial
+    group of ``r < M`` inputs: ``floor(N * r / M)``, as the training-time pattern). Ties go to the lower column
+    index.
 
     Args:
         weight: ``[out, in]`` (or a convolution weight, seen as ``[out, prod(kernel) * in]``).
@@ -100,7 +113,6 @@ def wanda_mask(weight: Tensor, input_sq_norms: Tensor, sparsity: float, pattern:
     norms = input_sq_norms.detach().reshape(-1)
     if norms.numel() != cols:
         raise ValueError(f"input_sq_norms has {norms.numel()} entries; weight {tuple(weight.shape)} has {cols} columns")
-    _check_columns(nm, cols)
     score = matrix.float().abs() * norms.to(matrix.device, torch.float32).clamp_min(0.0).sqrt()
     if nm is not None:
         return from_matrix(~_lowest_per_group(score, *nm), weight.shape)
@@ -127,7 +139,8 @@ def sparsegpt_prune(
     Cholesky factor of ``H^-1``. Columns are processed in blocks of ``block_size``. In each block the mask
     is chosen by the score ``w^2 / U_jj^2`` on the weights as updated so far (unstructured: the block's lowest
     ``sparsity`` share, the reference's ``<=`` rule at the threshold; ``N:M``: at the first column of every
-    group of M, the N lowest of the group in each row), then column by column the pruned weights are zeroed
+    group of M, the N lowest of the group in each row; a last, partial group of ``r < M`` columns prunes
+    ``floor(N * r / M)``), then column by column the pruned weights are zeroed
     and the error ``(w - q) / U_jj`` is propagated to the block's later columns (the OBS update); the block's
     accumulated error updates all later columns at once (lazy batching).
 
@@ -163,7 +176,6 @@ def sparsegpt_prune(
         raise ValueError(
             f"hessian has shape {tuple(hessian.shape)}; weight {tuple(weight.shape)} needs ({cols}, {cols})"
         )
-    _check_columns(nm, cols)
     W = matrix.to(torch.float32).clone()
     H = hessian.detach().to(W.device, torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
@@ -190,8 +202,10 @@ def sparsegpt_prune(
         for i in range(stop - start):
             if nm is not None and i % nm[1] == 0:
                 score = W1[:, i : i + nm[1]].square() / d[i : i + nm[1]].square()
-                index = torch.topk(score, nm[0], dim=1, largest=False).indices
-                mask1[:, i : i + nm[1]].scatter_(1, index, True)
+                count = _partial(*nm, score.shape[1])
+                if count:
+                    index = torch.topk(score, count, dim=1, largest=False).indices
+                    mask1[:, i : i + nm[1]].scatter_(1, index, True)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             err = (w - q) / d[i]
@@ -333,15 +347,7 @@ def prune_oneshot(
     """
     nm = check_arguments(method, target_sparsity, pattern, forward, block_size, damp)
     targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
-    modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in targets}
-    for fqn, module in modules.items():
-        if not isinstance(module, nn.Linear | nn.Conv2d):
-            raise ValueError(f"'{fqn}' is a {type(module).__name__}; one-shot pruning handles Linear and Conv2d")
-        if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.groups != 1):
-            raise ValueError(
-                f"'{fqn}': Conv2d with padding={module.padding!r}, groups={module.groups} is not supported"
-            )
-        _check_columns(nm, as_matrix(module.weight).shape[1])
+    modules = target_modules(model, targets)
     names = dict(model.named_modules())
     if blocks is None:
         block_names = _default_blocks(model)
@@ -414,6 +420,24 @@ def prune_oneshot(
     finally:
         model.train(training)
     return {fqn: masks[fqn] for fqn in targets}
+
+
+def target_modules(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """The module of each target weight; ValueError for one that one-shot pruning cannot handle.
+
+    Example:
+        >>> list(target_modules(nn.Sequential(nn.Linear(2, 2)), {"0.weight": torch.zeros(2, 2)}))
+        ['0.weight']
+    """
+    modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in targets}
+    for fqn, module in modules.items():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            raise ValueError(f"'{fqn}' is a {type(module).__name__}; one-shot pruning handles Linear and Conv2d")
+        if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.groups != 1):
+            raise ValueError(
+                f"'{fqn}': Conv2d with padding={module.padding!r}, groups={module.groups} is not supported"
+            )
+    return modules
 
 
 def check_arguments(

@@ -23,7 +23,7 @@ from experiments.baselines import LightningModelPruning
 from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, read_idx
 from experiments.report import write_report
 from experiments.train import run
-from lightning_prune import PatternLock, Pruning
+from lightning_prune import OneShotPruning, PatternLock, Pruning
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -70,7 +70,15 @@ def test_groups_are_the_documented_ones():
     assert {"unstructured", "4x1", "1x4", "2x2", "channelx1", "1xchannel", "2in4"} <= set(options("pattern"))
     assert set(options("criterion")) == {"magnitude", "gradient", "snip", "snip_momentum", "wanda"}
     assert set(options("schedule")) == {"oneshot", "iterative"}
-    assert set(options("pruner")) == {"basic", "pattern_lock", "progressive", "model_pruning"}
+    assert set(options("pruner")) == {
+        "basic",
+        "pattern_lock",
+        "progressive",
+        "model_pruning",
+        "sparsegpt",
+        "wanda",
+        "oneshot_magnitude",
+    }
 
 
 @pytest.mark.parametrize(
@@ -92,7 +100,7 @@ def test_every_option_composes_and_instantiates(tmp_path, group, option):
         obj = instantiate(cfg[group])
     assert obj is not None
     pruner = instantiate(cfg.pruner)
-    assert isinstance(pruner, (Pruning, PatternLock, LightningModelPruning))
+    assert isinstance(pruner, (Pruning, PatternLock, LightningModelPruning, OneShotPruning))
 
 
 @pytest.mark.parametrize("option", options("model"))
@@ -183,6 +191,41 @@ def test_main_job_writes_results_and_plots_and_reuses_the_dense_baseline(tmp_pat
     )
     assert locked["pruner"] == "PatternLock"
     assert locked["sparsity"] == pytest.approx(saved["sparsity"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("method", "pattern"), [("sparsegpt", "unstructured"), ("wanda", "2in4")])
+def test_oneshot_pruner_prunes_the_dense_weights_and_evaluates_them(tmp_path, method, pattern):
+    pruner = "oneshot_magnitude" if method == "magnitude" else method
+    out = run(configure(tmp_path, tiny(tmp_path, f"pruner={pruner}", f"pattern={pattern}")))
+    assert out["pruner"] == "OneShotPruning" and out["criterion"] == method
+    assert out["steps"] == 0, "one-shot pruners evaluate the pruned model without training by default"
+    assert out["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert out["dense_accuracy"] is not None and out["accuracy"] is not None
+    dense = torch.load(next((tmp_path / "dense_baselines").glob("*.pt")), weights_only=True)
+    pruned = torch.load(tmp_path / "pruned.ckpt", weights_only=False)["state_dict"]
+    for layer in out["layers"]:
+        name = layer["name"]
+        kept = pruned[name] != 0
+        assert 0.4 < 1 - kept.float().mean() < 0.6
+        if method == "wanda":  # no weight update: the kept weights are the dense model's
+            assert torch.equal(pruned[name][kept], dense[name][kept]), name
+        else:  # SparseGPT updates the kept weights of the dense model, it does not start afresh
+            assert not torch.equal(pruned[name][kept], dense[name][kept]), name
+        if pattern == "2in4" and pruned[name].dim() == 2:
+            assert (kept.reshape(kept.shape[0], -1, 4).sum(-1) == 2).all(), name
+
+
+def test_oneshot_pruner_fine_tunes_with_the_masks_locked(tmp_path):
+    out = run(configure(tmp_path, tiny(tmp_path, "pruner=oneshot_magnitude", "finetune_steps=3")))
+    assert out["steps"] == 3
+    assert out["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [row["achieved"] for row in out["trace"]] == pytest.approx([out["sparsity"]] * 3)
+
+
+def test_oneshot_pruner_with_a_block_pattern_fails_before_training(tmp_path):
+    with pytest.raises(Exception, match="pattern '4x1' is not valid here; choose 'unstructured' or 'N:M'"):
+        run(configure(tmp_path, tiny(tmp_path, "pruner=wanda", "pattern=4x1", "dense=train")))
+    assert not (tmp_path / "dense_baselines").exists(), "nothing trained"
 
 
 def test_model_pruning_baseline_reaches_the_target_at_epoch_ends(tmp_path):

@@ -38,7 +38,8 @@ def _reference_sparsegpt(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: 
             mask[:, i : i + block] = score <= torch.sort(score.flatten()).values[k]
         if nm is not None and i % nm[1] == 0:
             score = w[:, i : i + nm[1]] ** 2 / torch.diagonal(u)[i : i + nm[1]] ** 2
-            mask[:, i : i + nm[1]].scatter_(1, torch.topk(score, nm[0], 1, largest=False).indices, True)
+            count = nm[0] * score.shape[1] // nm[1]  # a last, partial group prunes its share, rounded down
+            mask[:, i : i + nm[1]].scatter_(1, torch.topk(score, count, 1, largest=False).indices, True)
         err = torch.where(mask[:, i], w[:, i], 0.0) / u[i, i]
         w[:, i:] -= err[:, None] * u[i, i:][None, :]
         w[:, i] = torch.where(mask[:, i], 0.0, w[:, i])
@@ -63,6 +64,21 @@ def test_sparsegpt_equals_the_column_by_column_algorithm(sparsity, pattern, bloc
         assert int((~kept).sum()) == w.numel() * nm[0] // nm[1]
     else:  # per block the reference's `<=` rule: the count is exact up to ties
         assert abs(int((~kept).sum()) - round(sparsity * w.numel())) <= w.shape[1] // block
+
+
+@pytest.mark.parametrize(("cols", "pattern"), [(10, "2:4"), (9, "2:4"), (13, "4:8")])
+def test_widths_not_a_multiple_of_m_prune_the_last_partial_group_like_the_training_time_pattern(cols, pattern):
+    w, x = _data(rows=6, cols=cols)
+    n, m = (int(v) for v in pattern.split(":"))
+    expected = n * (cols // m) + n * (cols % m) // m  # per row
+    new, kept = sparsegpt_prune(w, _hessian(x), n / m, pattern, block_size=m)
+    ref_new, ref_kept = _reference_sparsegpt(w, _hessian(x), n / m, (n, m), m)
+    assert torch.equal(kept, ref_kept)
+    assert torch.allclose(new, ref_new, atol=1e-4)
+    wanda = wanda_mask(w, x.square().sum(0), n / m, pattern)
+    for mask in (kept, wanda):
+        assert ((~mask).sum(1) == expected).all()
+        assert NM(n, m).conforms(mask), "the masks PatternLock(pattern) and the engine accept"
 
 
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():

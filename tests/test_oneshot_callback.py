@@ -164,11 +164,14 @@ def test_uncalibratable_fit_fails_before_any_weight_changes():
         assert torch.equal(w, before[name])
 
 
-def test_a_target_whose_width_does_not_fit_n_m_fails_at_setup():
-    module = make_module("mlp")  # the last Linear has 10 inputs
+def test_a_target_one_shot_cannot_prune_fails_at_setup():
+    torch.manual_seed(0)
+    module = TinyModule(
+        nn.Sequential(nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(40, 3)), (12,)
+    )
     before = weights(module)
-    cb = OneShotPruning(method="wanda", pattern="2:4", verbose=False)
-    with pytest.raises(ValueError, match="2:4"):
+    cb = OneShotPruning(method="wanda", op_types=["Conv1d", "Linear"], verbose=False)
+    with pytest.raises(ValueError, match="'net.1.weight' is a Conv1d; one-shot pruning handles Linear and Conv2d"):
         make_trainer([cb], max_steps=2).fit(module, make_loader(module))
     for name, w in weights(module).items():
         assert torch.equal(w, before[name])

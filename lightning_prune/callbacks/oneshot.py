@@ -9,12 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.engine import MaskLock
-from lightning_prune.oneshot import check_arguments, prune_oneshot
+from lightning_prune.oneshot import check_arguments, prune_oneshot, target_modules
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.report import format_report
 from lightning_prune.sharding import is_dtensor
@@ -83,7 +84,7 @@ class OneShotPruning(MaskedWeights):
         damp: float = 0.01,
         verbose: bool = True,
     ) -> None:
-        nm = check_arguments(method, target_sparsity, str(pattern), forward, block_size, damp)
+        check_arguments(method, target_sparsity, str(pattern), forward, block_size, damp)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be a positive int, got {calibration_batches!r}")
         if dataloader is not None and not isinstance(dataloader, Iterable):
@@ -93,10 +94,17 @@ class OneShotPruning(MaskedWeights):
         self.calibration_batches, self.dataloader = calibration_batches, dataloader
         self.blocks, self.forward = blocks, forward
         self.block_size, self.damp = block_size, damp
-        # the lock checks that the zeros form whole N:M groups; unstructured masks need no check
-        super().__init__(MaskLock(None, self.pattern if nm else None, op_types, include, exclude), verbose)
+        # the lock checks that an N:M layer's width fits (at setup) and that its zeros form whole groups
+        super().__init__(MaskLock(None, self.pattern, op_types, include, exclude), verbose)
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Validate the targets now if the model's layers exist (else when fit starts), before any training."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not is_overridden("configure_model", pl_module):
+            target_modules(pl_module, self.engine.check(pl_module))
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune from the calibration batches (unless a checkpoint or an earlier fit has masks), then lock."""
