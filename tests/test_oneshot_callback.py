@@ -185,3 +185,26 @@ def test_shares_no_target_with_another_mask_owner():
         trainer.fit(module, make_loader(module))
     for name, w in weights(module).items():
         assert torch.equal(w, before[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_under_ddp_every_rank_prunes_to_the_same_masks_and_weights(tmp_path, method):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "oneshot_ddp.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--method", method], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert len(ranks) == 2
+    for when in range(2):  # right after pruning, and after the fine-tuning steps
+        first, second = ranks[0][when], ranks[1][when]
+        assert first == second, f"ranks differ at {first['when']}"
+        assert first["zeros"] and first["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert ranks[0][0]["masks"] == ranks[0][1]["masks"], "the masks stay locked while it trains"
+    assert ranks[0][0]["weights"] != ranks[0][1]["weights"], "the kept weights train"
