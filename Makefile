@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 INC_VENV := .venv-inc
 INC_STAMP := $(INC_VENV)/.installed
+LLMC_VENV := .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
 
 .PHONY: demo test test-slow lint bench install clean
 
@@ -35,8 +37,14 @@ $(INC_STAMP): benchmarks/inc-requirements.txt
 	$(INC_VENV)/bin/pip install -q -r benchmarks/inc-requirements.txt
 	touch $(INC_STAMP)
 
-bench: $(STAMP) $(INC_STAMP)
+# llm-compressor 0.14 pins its own dependencies: its own environment too.
+$(LLMC_STAMP): benchmarks/llmc-requirements.txt
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install -q -r benchmarks/llmc-requirements.txt
+	touch $(LLMC_STAMP)
+
+bench: $(STAMP) $(INC_STAMP) $(LLMC_STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(INC_VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs
+	rm -rf $(VENV) $(INC_VENV) $(LLMC_VENV) .pytest_cache .mypy_cache .ruff_cache lightning_logs

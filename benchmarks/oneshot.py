@@ -144,27 +144,51 @@ def calibration_ids(tokenizer: Any, rows: int = 32, seq_len: int = 256, seed: in
     return ids[torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]]
 
 
-def measure(repeats: int = 2, quick: bool = False) -> dict[str, Any]:
+def tiny_model_dir(folder: Path) -> str:
+    """A tiny random Llama with a small tokenizer, saved like the pretrained one (for smoke runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from experiments.llm import bbc_splits, train_tokenizer
+
+    tokenizer = train_tokenizer(bbc_splits()["train"][:100], 512)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def measure(repeats: int = 2, quick: bool = False, python: Path = LLMC_PYTHON) -> dict[str, Any]:
     """Both tools on every case, alternating, ``repeats`` times; medians of time and memory, errors."""
     from experiments.llm import load, pretrain
 
-    if not LLMC_PYTHON.exists():
-        return {"note": f"llm-compressor not run: {LLMC_PYTHON} does not exist (`make bench` builds it)"}
-    model_dir = str(pretrain())
-    dense, tokenizer = load(model_dir)
-    ids = calibration_ids(tokenizer, rows=8 if quick else 32, seq_len=64 if quick else 256)
-    cases = CASES[:1] if quick else CASES
+    if not python.exists():
+        return {"note": f"llm-compressor not run: {python} does not exist (`make bench` builds it)"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny_model_dir(Path(tmp) / "tiny") if quick else str(pretrain())
+        dense, tokenizer = load(model_dir)
+        ids = calibration_ids(tokenizer, rows=8 if quick else 32, seq_len=64 if quick else 256)
+        cases = CASES[:1] if quick else CASES
         calib = str(Path(tmp) / "calibration.pt")
         torch.save(ids, calib)
         for method, pattern in cases:
             runs: dict[str, list[dict[str, Any]]] = {"ours": [], "llmcompressor": []}
             errors: dict[str, dict[str, float]] = {}
             for _ in range(1 if quick else repeats):
-                for tool, python in (("llmcompressor", LLMC_PYTHON), ("ours", Path(sys.executable))):
+                for tool, exe in (("llmcompressor", python), ("ours", Path(sys.executable))):
                     out = str(Path(tmp) / f"{tool}.pt")
-                    runs[tool].append(_run_worker(python, tool, method, pattern, model_dir, calib, out))
+                    runs[tool].append(_run_worker(exe, tool, method, pattern, model_dir, calib, out))
                     errors[tool] = reconstruction_errors(dense, ids, torch.load(out, weights_only=True))
             layers = sorted(errors["ours"])
             ratio = [errors["ours"][n] / errors["llmcompressor"][n] for n in layers]

@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import export, selection, sharded, step_overhead  # noqa: E402
+from benchmarks import export, oneshot, selection, sharded, step_overhead  # noqa: E402
 from benchmarks.harness import benches  # noqa: E402
 
 INC_METHODS = ("4x1:snip_momentum", "unstructured:magnitude")
-SECTIONS = ("steps", "selection", "slim", "sharded")
+SECTIONS = ("steps", "selection", "slim", "sharded", "oneshot")
 
 
 def inc_rows(python: Path, minilm: str | None, repeats: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
@@ -126,6 +126,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "run; this one does not.",
         ]
     lines += _sharded_lines(results.get("sharded"))
+    lines += _oneshot_lines(results.get("oneshot"))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -155,6 +156,53 @@ def _sharded_lines(row: dict[str, Any] | None) -> list[str]:
         "",
         f"Window mean of each run: {', '.join(f'{v:.3f}x' for v in row['window mean, runs'])}.",
     ]
+
+
+def _oneshot_lines(one: dict[str, Any] | None) -> list[str]:
+    """The one-shot section of RESULTS.md."""
+    if not one:
+        return []
+    llmc = one["llmcompressor"]
+    lines = ["", "## One-shot pruning: against llm-compressor 0.14", ""]
+    if "rows" not in llmc:
+        lines.append(llmc.get("note", "llm-compressor not run."))
+    else:
+        rows, cal = llmc["rows"], llmc["calibration"]
+        lines += [
+            f"The Llama of `experiments/llm.py` ({llmc['model']}), {cal[0]} calibration sequences of {cal[1]} "
+            "tokens, 50% or 2:4 on every decoder Linear, `lm_head` excluded; each tool in its own process "
+            "(llm-compressor in `.venv-llmc`), loading the saved model directory and pruning it, alternating, "
+            f"{llmc['repeats']} runs each (medians). Time: wall time of loading and pruning, ours / theirs. "
+            "Memory: peak resident memory that loading and pruning add to the process (imports done). Error: "
+            "per layer ||WX - W'X||^2 / ||WX||^2 on the dense model's inputs, ours / theirs over the 28 layers.",
+            "",
+            "| method | pattern | time ratio | memory added, ours / theirs | mean error, ours / theirs | "
+            "error ratio per layer: median (min..max) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['pattern']} | {r['time_ratio']:.3f}x | {_fmt_mb(r['added_mb']['ours'])} / "
+                f"{_fmt_mb(r['added_mb']['llmcompressor'])} | {r['error_mean']['ours']:.4f} / "
+                f"{r['error_mean']['llmcompressor']:.4f} | {r['error_ratio_median']:.3f} "
+                f"({r['error_ratio_min']:.3f}..{r['error_ratio_max']:.3f}) |"
+            )
+    layer = one["layer"]
+    lines += [
+        "",
+        f"Per layer: `sparsegpt_prune` on a Linear({layer['size']}, {layer['size']}) with {layer['tokens']} "
+        "calibration tokens, 50% unstructured, against a straightforward float32 implementation of the paper's "
+        f"algorithm (`benchmarks/oneshot.py: reference_sparsegpt`), alternating: ours / reference = "
+        f"{layer['ratio_median']:.3f} (median of {len(layer['ratios'])}); same mask: {layer['same_mask']}.",
+        "",
+        "Peak memory that `prune_oneshot` (SparseGPT, 32 x 256 tokens) adds to a random Llama (hidden 256) against "
+        "its depth: "
+        + ", ".join(
+            f"{m['depth']} layers {_fmt_mb(m['added_mb'])} (model {_fmt_mb(m['model_mb'])})" for m in one["memory"]
+        )
+        + ".",
+    ]
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -192,6 +240,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh step-overhead runs per row")
     parser.add_argument("--rounds", type=int, default=100, help="latency rounds of the slim comparison")
     parser.add_argument("--inc-python", type=Path, default=ROOT / ".venv-inc" / "bin" / "python")
+    parser.add_argument("--llmc-python", type=Path, default=oneshot.LLMC_PYTHON)
     parser.add_argument("--no-minilm", action="store_true", help="leave MiniLM-L6 out of the step overhead")
     parser.add_argument(
         "--sections",
@@ -236,6 +285,14 @@ def main() -> None:
     print(f"slim: {json.dumps(slim)}", flush=True)
     shard = sharded.measure(repeats, args.quick) if "sharded" in sections else kept.get("sharded")
     print(f"sharded: {json.dumps(shard)}", flush=True)
+    one = kept.get("oneshot")
+    if "oneshot" in sections:
+        one = {
+            "llmcompressor": oneshot.measure(1 if args.quick else 2, args.quick, args.llmc_python),
+            "layer": oneshot.layer_speed(*((1, 256, 512) if args.quick else (7,))),
+            "memory": oneshot.memory_by_depth((1, 2) if args.quick else (2, 4, 8, 16)),
+        }
+    print(f"oneshot: {json.dumps(one)}", flush=True)
     command = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     if sections != set(SECTIONS):
         command = f"{kept['meta']['command']}`, then `{command} --sections {args.sections}"
@@ -256,6 +313,7 @@ def main() -> None:
         "selection": sel,
         "slim": slim,
         "sharded": shard,
+        "oneshot": one,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_markdown(results, args.out / "RESULTS.md")

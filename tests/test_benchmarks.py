@@ -12,12 +12,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 INC_PYTHON = ROOT / ".venv-inc" / "bin" / "python"
+LLMC_PYTHON = ROOT / ".venv-llmc" / "bin" / "python"
 
 
 @pytest.mark.slow
 def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--no-minilm", "--out", str(tmp_path)]
     cmd += ["--inc-python", str(tmp_path / "no-inc" / "python")]  # INC has its own test below
+    cmd += ["--llmc-python", str(tmp_path / "no-llmc" / "python")]  # and so has llm-compressor
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "RESULTS.md").read_text()
@@ -48,6 +50,11 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     assert 0 < shard["sent per event, max (bytes)"] < shard["unit scores (bytes)"]
     assert shard["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert "## Sharded: FSDP2 over 2 processes" in text
+    one = results["oneshot"]
+    assert "llm-compressor not run" in one["llmcompressor"]["note"] and "llm-compressor not run" in text
+    assert one["layer"]["same_mask"], "ours and the reference choose the same weights"
+    assert [m["depth"] for m in one["memory"]] == [1, 2] and all(m["added_mb"] > 0 for m in one["memory"])
+    assert "ours / reference = " in text
 
     # one section again: the others are kept from results.json
     proc = subprocess.run([*cmd, "--sections", "slim"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -73,3 +80,16 @@ def test_inc_worker_quick() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert row["tool"] == "INC 3.7.1" and row["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLMC_PYTHON.exists(), reason="no .venv-llmc (make bench builds it)")
+def test_llmcompressor_comparison_quick() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.oneshot", "--quick"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout[proc.stdout.index("{\n") :])["rows"][0]
+    assert (row["method"], row["pattern"]) == ("sparsegpt", "unstructured")
+    assert set(row["seconds"]) == {"ours", "llmcompressor"}
+    # the first decoder layer sees the same inputs in both tools: the same algorithm gives the same error
+    assert 0.9 < row["error_ratio_median"] < 1.1
