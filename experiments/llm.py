@@ -49,10 +49,24 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 
 
 def bbc_splits(seed: int = 0) -> dict[str, list[str]]:
-    """BBC News articles by split (train/val/test: the fixed stratified 70/10/20 split of the classifiers)."""
+    """BBC News articles by split: the classifiers' fixed stratified 70/10/20 split, truly held out.
+
+    The corpus holds some articles twice; validation and test keep one copy of each text and none that is
+    also in an earlier split (validation 207 of 223 articles, test 405 of 444 remain), so that perplexity is
+    held out.
+    """
     texts, labels, _ = load_bbc_news()
     parts = stratified_split(torch.tensor(labels), (0.7, 0.1, 0.2), seed)
-    return {name: [texts[i] for i in idx.tolist()] for name, idx in zip(("train", "val", "test"), parts)}
+    splits = {name: [texts[i] for i in idx.tolist()] for name, idx in zip(("train", "val", "test"), parts)}
+    seen = set(splits["train"])
+    for name in ("val", "test"):
+        kept = []
+        for text in splits[name]:
+            if text not in seen:
+                kept.append(text)
+                seen.add(text)
+        splits[name] = kept
+    return splits
 
 
 def wikipedia_texts() -> list[str]:
@@ -72,10 +86,25 @@ def wikipedia_texts() -> list[str]:
     return pages
 
 
+def _drop_templates(text: str) -> str:
+    """``text`` without its ``{{...}}`` templates, however deeply nested."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        pair = text[i : i + 2]
+        if pair == "{{":
+            depth, i = depth + 1, i + 2
+        elif pair == "}}" and depth:
+            depth, i = depth - 1, i + 2
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _strip_markup(text: str) -> str:
     """Wiki markup to plain text, roughly: templates, tables, refs, links and formatting removed."""
-    for _ in range(3):  # nested templates
-        text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+    text = _drop_templates(text)
     text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.S)
     text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<[^>]+>", "", text, flags=re.S)
     text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
