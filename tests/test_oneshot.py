@@ -290,3 +290,27 @@ def test_under_ddp_ranks_split_the_batches_and_end_identical_to_one_process(tmp_
     for name, value in alone.state_dict().items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         assert torch.allclose(ranks[0]["weights"][name], value, atol=1e-5)  # statistics summed in another order
+
+
+def test_a_target_no_calibration_batch_reaches_is_named_and_nothing_stays_pruned():
+    class WithUnused(Stack):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unused = nn.Linear(16, 16)  # after the blocks, never called
+
+    model = WithUnused()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="no calibration input reached 'unused.weight'"):
+        prune_oneshot(model, _batches(2), "sparsegpt", 0.5, block_size=8)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "the blocks pruned are restored"
+
+
+def test_a_singular_hessian_from_fewer_tokens_than_inputs_is_coped_with_by_the_dampening():
+    w, x = _data(rows=8, cols=32, n=4)  # rank 4 of 32: X^T X is singular
+    h = _hessian(x)
+    assert torch.linalg.matrix_rank(h) == 4
+    new, kept = sparsegpt_prune(w, h, 0.5, block_size=8)
+    assert torch.isfinite(new).all()
+    assert abs(int((~kept).sum()) - w.numel() // 2) <= 4
+    ref_new, ref_kept = _reference_sparsegpt(w, h, 0.5, None, 8)
+    assert torch.equal(kept, ref_kept)
