@@ -48,17 +48,25 @@ def label(pattern: str, sparsity: float) -> str:
 ENCODER = r"encoder\.layer\.\d+\..*"
 
 
-@torch.no_grad()
-def embed(model: nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """Mean-pooled last hidden states (padding left out) of every row of ``encoded``."""
-    model.eval()
-    out = []
-    for start in range(0, encoded["input_ids"].shape[0], batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in encoded.items()}
-        hidden = model(**batch).last_hidden_state
+class Encoder(pl.LightningModule):
+    """Sentence embeddings from ``trainer.predict``: mean-pooled last hidden states, padding left out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hidden = self.model(**batch).last_hidden_state
         weight = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0))
-    return torch.cat(out)
+        return (hidden * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+
+
+def embed(model: nn.Module, encoded: dict[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """The embedding of every row of ``encoded``, by Lightning's predict loop."""
+    rows = [{k: v[i] for k, v in encoded.items()} for i in range(encoded["input_ids"].shape[0])]
+    batches = torch.utils.data.DataLoader(rows, batch_size=batch_size)  # type: ignore[arg-type]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return torch.cat(trainer.predict(Encoder(model), batches))  # type: ignore[arg-type]
 
 
 def probe(train: torch.Tensor, y_train: list[int], test: torch.Tensor, y_test: list[int]) -> float:
@@ -72,7 +80,9 @@ def probe(train: torch.Tensor, y_train: list[int], test: torch.Tensor, y_test: l
     return float(classifier.score(norm(test), y_test))
 
 
-def minilm_rows(max_length: int = 128, calibration: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+def minilm_rows(
+    max_length: int = 128, calibration: int = 128, seed: int = 0, subset: int | None = None
+) -> list[dict[str, Any]]:
     from transformers import AutoModel, AutoTokenizer
 
     from experiments.data import load_bbc_news, stratified_split
@@ -80,6 +90,7 @@ def minilm_rows(max_length: int = 128, calibration: int = 128, seed: int = 0) ->
 
     texts, labels, _ = load_bbc_news()
     train_idx, _, test_idx = (i.tolist() for i in stratified_split(torch.tensor(labels), (0.7, 0.1, 0.2), seed))
+    train_idx, test_idx = train_idx[:subset], test_idx[:subset]  # subset: a smoke run
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
 
     def encode(index: list[int]) -> dict[str, torch.Tensor]:
@@ -114,6 +125,7 @@ def minilm_rows(max_length: int = 128, calibration: int = 128, seed: int = 0) ->
             row = {
                 "method": method,
                 "pattern": pattern,
+                "target": sparsity,
                 "sparsity": 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()),
                 "accuracy": probe(pruned_train, y_train, pruned_test, y_test),
                 "cosine": float(nn.functional.cosine_similarity(pruned_test, dense_test).mean()),

@@ -104,3 +104,15 @@ def test_one_shot_holds_one_blocks_statistics_and_one_boundarys_activations_at_a
     assert len(masks) == 3 * 7
     assert peak["stats"] == 7, "the 7 Linears of one decoder layer at a time, never two layers' statistics"
     assert not live
+
+
+@pytest.mark.slow
+def test_minilm_one_shot_rows_smoke():
+    from experiments.oneshot_results import minilm_rows
+
+    rows = minilm_rows(max_length=16, calibration=16, subset=60)
+    assert len(rows) == 1 + 3 * 5
+    assert rows[0]["cosine"] == 1.0
+    for row in rows[1:]:
+        assert row["sparsity"] == pytest.approx(row["target"], abs=0.01)
+        assert 0.0 < row["cosine"] < 1.0 and 0.0 <= row["accuracy"] <= 1.0
