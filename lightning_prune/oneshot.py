@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lightning_prune.engine.pruner import check_fraction
 from lightning_prune.engine.scores import process_group
 from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
+from lightning_prune.sharding import is_dtensor
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
 __all__ = ["METHODS", "check_arguments", "prune_oneshot", "sparsegpt_prune", "target_modules", "wanda_mask"]
@@ -423,12 +424,19 @@ def prune_oneshot(
 
 
 def target_modules(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, nn.Module]:
-    """The module of each target weight; ValueError for one that one-shot pruning cannot handle.
+    """The module of each target weight; ValueError for one that one-shot pruning cannot handle (or a sharded one).
 
     Example:
         >>> list(target_modules(nn.Sequential(nn.Linear(2, 2)), {"0.weight": torch.zeros(2, 2)}))
         ['0.weight']
     """
+    sharded = sorted(fqn for fqn, weight in targets.items() if is_dtensor(weight))
+    if sharded:  # judged from the parameters alone, so every rank raises the same error
+        named = ", ".join(sharded[:3]) + (", ..." if len(sharded) > 3 else "")
+        raise ValueError(
+            f"one-shot pruning cannot prune sharded weights ({named}): prune the unsharded model with "
+            "prune_oneshot, save it, then fine-tune it sharded with PatternLock"
+        )
     modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in targets}
     for fqn, module in modules.items():
         if not isinstance(module, nn.Linear | nn.Conv2d):

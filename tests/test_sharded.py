@@ -308,3 +308,25 @@ def test_the_engine_in_a_plain_torchrun_loop_and_in_fabric_gives_the_callbacks_m
     # and in Lightning Fabric, its ModelParallelStrategy sharding the model with the same plan
     fabric = _job(tmp_path / "fabric", "--fabric", script="sharded_loop.py")
     assert _same(fabric["masks"], callback["masks"]) == []
+
+
+def test_one_shot_refuses_sharded_weights_alike_on_each_rank_with_the_model_untouched(fake_rank):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_prune.oneshot import prune_oneshot
+
+    messages = []
+    for rank in (0, 1):
+        fake_rank(rank)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+        fully_shard(net, mesh=init_device_mesh("cpu", (2,)))
+        before = [p.to_local().clone() for p in net.parameters()]
+        with pytest.raises(ValueError) as info:
+            prune_oneshot(net, [torch.randn(4, 12)], "sparsegpt", 0.5)
+        messages.append(str(info.value))
+        assert all(torch.equal(b, p.to_local()) for b, p in zip(before, net.parameters()))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("one-shot pruning cannot prune sharded weights (0.weight, 2.weight)")

@@ -18,7 +18,6 @@ from lightning_prune.engine import MaskLock
 from lightning_prune.oneshot import check_arguments, prune_oneshot, target_modules
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.report import format_report
-from lightning_prune.sharding import is_dtensor
 
 __all__ = ["OneShotPruning"]
 
@@ -161,13 +160,7 @@ class OneShotPruning(MaskedWeights):
         return [trainer.strategy.batch_to_device(batch) for batch in batches]
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        targets = self.engine.check(pl_module)
-        sharded = sorted(fqn for fqn, p in targets.items() if is_dtensor(p))
-        if sharded:  # judged from the parameters alone, so every rank raises the same error
-            raise ValueError(
-                f"OneShotPruning cannot prune sharded weights ({sharded[:3]}...): prune the unsharded model with "
-                "lightning_prune.oneshot.prune_oneshot, save it, then fine-tune it sharded with PatternLock"
-            )
+        target_modules(pl_module, self.engine.check(pl_module))  # before the batches are read
         return prune_oneshot(
             pl_module,
             self._batches(trainer),
