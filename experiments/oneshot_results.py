@@ -161,18 +161,21 @@ def llama_rows(
     def measure(module: CausalLM) -> dict[str, float]:
         return {f"ppl_{name}": perplexity(module, ids) for name, ids in evaluation.items()}
 
-    dense, _ = load(folder)
-    rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, **measure(CausalLM(dense))}]
+    options: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+    options.update(enable_checkpointing=False, enable_model_summary=False)
+    dense = CausalLM(load(folder)[0], lr=3e-4, weight_decay=0.0)
+    rows = [{"method": "dense", "pattern": "dense", "sparsity": 0.0, **measure(dense)}]
+    # the dense model trained the same extra steps: what fine-tuning alone brings
+    pl.Trainer(max_steps=finetune_steps, gradient_clip_val=1.0, **options).fit(dense, loader(train_ids, 8, True, seed))
+    rows[-1].update({f"{k}_finetuned": v for k, v in measure(dense).items()}, finetune_steps=finetune_steps)
     print(json.dumps(rows[-1]), flush=True)
     for method in METHODS:
-        for pattern, sparsity in settings((0.5,)):
+        for pattern, sparsity in settings((0.5, 0.6, 0.7)):
             llm, _ = load(folder)
             module = CausalLM(llm, lr=3e-4, weight_decay=0.0)
             cb = OneShotPruning(
                 method, sparsity, pattern, dataloader=calib_batches, exclude=r"llm\.lm_head", verbose=False
             )
-            options: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
-            options.update(enable_checkpointing=False, enable_model_summary=False)
             start = time.perf_counter()
             pl.Trainer(max_steps=0, callbacks=[cb], **options).fit(module, loader(train_ids, 8, True, seed))
             seconds = time.perf_counter() - start
@@ -189,30 +192,32 @@ def llama_rows(
 
 
 # ---------------------------------------------------------------------------- tables and plots
-def plot(rows: list[dict[str, Any]], key: str, ylabel: str, path: Path, title: str, log: bool = False) -> None:
+def plot(rows: list[dict[str, Any]], panels: dict[str, str], ylabel: str, path: Path, log: bool = False) -> None:
+    """One panel per key of ``panels`` (its title): the metric against sparsity, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    dense = next(r[key] for r in rows if r["method"] == "dense")
-    ax.axhline(dense, color="0.4", ls="--", lw=1, label="dense")
-    for i, method in enumerate(METHODS):
-        mine = [r for r in rows if r["method"] == method]
-        line = sorted((r["sparsity"], r[key]) for r in mine if r["pattern"] == "unstructured")
-        ax.plot(*zip(*line), marker="o", color=f"C{i}", label=f"{method} (unstructured)")
-        for r in mine:
-            if r["pattern"] != "unstructured":
-                marker = "s" if r["pattern"] == "4:8" else "^"
-                ax.scatter([r["sparsity"]], [r[key]], marker=marker, color=f"C{i}", s=50, facecolors="none")
-    ax.scatter([], [], marker="s", color="k", facecolors="none", label="4:8")
-    ax.scatter([], [], marker="^", color="k", facecolors="none", label="2:4")
-    if log:
-        ax.set_yscale("log")
-    ax.set(xlabel="sparsity of the pruned layers", ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (key, title) in zip(axes[0], panels.items()):
+        dense = next(r[key] for r in rows if r["method"] == "dense")
+        ax.axhline(dense, color="0.4", ls="--", lw=1, label="dense" + (", same steps" if "finetuned" in key else ""))
+        for i, method in enumerate(METHODS):
+            mine = [r for r in rows if r["method"] == method]
+            line = sorted((r["sparsity"], r[key]) for r in mine if r["pattern"] == "unstructured")
+            ax.plot(*zip(*line), marker="o", color=f"C{i}", label=f"{method} (unstructured)")
+            for r in mine:
+                if r["pattern"] != "unstructured":
+                    marker = "s" if r["pattern"] == "4:8" else "^"
+                    ax.scatter([r["sparsity"]], [r[key]], marker=marker, color=f"C{i}", s=60, facecolors="none")
+        ax.scatter([], [], marker="s", color="k", facecolors="none", label="4:8 (at 0.5)")
+        ax.scatter([], [], marker="^", color="k", facecolors="none", label="2:4 (at 0.5)")
+        if log:
+            ax.set_yscale("log")
+        ax.set(xlabel="sparsity of the pruned layers", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,27 +244,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.name == "minilm":
         rows = minilm_rows()
-        plot(
-            rows,
-            "accuracy",
-            "test accuracy (logistic regression)",
-            out / "images" / "oneshot_minilm.png",
-            "MiniLM-L6, BBC News, no training",
-        )
+        panels = {"accuracy": "MiniLM-L6 on BBC News, one-shot (no training)"}
+        plot(rows, panels, "test accuracy (logistic regression)", out / "images" / "oneshot_minilm.png")
         columns = {"accuracy": "test accuracy", "cosine": "cosine to dense"}
     else:
         rows = llama_rows()
-        path = out / "images" / "oneshot_llama.png"
-        plot(rows, "ppl_bbc", "perplexity, held-out BBC (log)", path, "Llama (5.5M), one-shot, no fine-tune", log=True)
+        panels = {"ppl_bbc": "one-shot, no fine-tuning", "ppl_bbc_finetuned": "then 100 steps, masks locked"}
+        plot(rows, panels, "perplexity, held-out BBC", out / "images" / "oneshot_llama.png", log=True)
         columns = {
             "ppl_bbc": "ppl BBC",
             "ppl_wiki": "ppl Wikipedia",
-            "ppl_bbc_finetuned": "BBC fine-tuned",
-            "ppl_wiki_finetuned": "Wikipedia fine-tuned",
+            "ppl_bbc_finetuned": "BBC, fine-tuned",
+            "ppl_wiki_finetuned": "Wikipedia, fine-tuned",
         }
-        for r in rows:
-            for k in columns:
-                r.setdefault(k, r.get(k.replace("_finetuned", ""), float("nan")))
     with (out / "results" / f"oneshot_{args.name}.jsonl").open("w") as handle:
         for r in rows:
             handle.write(json.dumps(r) + "\n")
