@@ -236,28 +236,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=("minilm", "llama"))
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--plot-only", action="store_true", help="table and plot from the saved rows, no runs")
     args = parser.parse_args(argv)
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(0)
+    saved = out / "results" / f"oneshot_{args.name}.jsonl"
+    loaded = [json.loads(line) for line in saved.read_text().splitlines()] if args.plot_only else None
     if args.name == "minilm":
-        rows = minilm_rows()
+        rows = loaded or minilm_rows()
         panels = {"accuracy": "MiniLM-L6 on BBC News, one-shot (no training)"}
         plot(rows, panels, "test accuracy (logistic regression)", out / "images" / "oneshot_minilm.png")
         columns = {"accuracy": "test accuracy", "cosine": "cosine to dense"}
     else:
-        rows = llama_rows()
+        rows = loaded or llama_rows()
         panels = {"ppl_bbc": "one-shot, no fine-tuning", "ppl_bbc_finetuned": "then 100 steps, masks locked"}
-        plot(rows, panels, "perplexity, held-out BBC", out / "images" / "oneshot_llama.png", log=True)
+        plot(rows, panels, "perplexity, held-out BBC", out / "images" / "oneshot_llama.png")
         columns = {
             "ppl_bbc": "ppl BBC",
             "ppl_wiki": "ppl Wikipedia",
             "ppl_bbc_finetuned": "BBC, fine-tuned",
             "ppl_wiki_finetuned": "Wikipedia, fine-tuned",
         }
-    with (out / "results" / f"oneshot_{args.name}.jsonl").open("w") as handle:
+    with saved.open("w") as handle:
         for r in rows:
             handle.write(json.dumps(r) + "\n")
     print(table(rows, columns))
