@@ -217,7 +217,8 @@ def plot(rows: list[dict[str, Any]], panels: dict[str, str], ylabel: str, path: 
             ax.set_yscale("log")
         ax.set(xlabel="sparsity of the pruned layers", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
