@@ -255,13 +255,13 @@ def layer_speed(repeats: int = 7, size: int = 1024, tokens: int = 4096) -> dict[
         start = time.perf_counter()
         reference = reference_sparsegpt(weight, hessian, 0.5)
         ratios.append(mine / (time.perf_counter() - start))
-    same = bool(torch.equal(ours == 0, reference == 0))
+    agree = float(((ours == 0) == (reference == 0)).float().mean())  # float32 inverses differ in the last bits
     return {
         "size": size,
         "tokens": tokens,
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
-        "same_mask": same,
+        "mask_agreement": agree,
     }
 
 

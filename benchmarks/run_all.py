@@ -193,7 +193,8 @@ def _oneshot_lines(one: dict[str, Any] | None) -> list[str]:
         f"Per layer: `sparsegpt_prune` on a Linear({layer['size']}, {layer['size']}) with {layer['tokens']} "
         "calibration tokens, 50% unstructured, against a straightforward float32 implementation of the paper's "
         f"algorithm (`benchmarks/oneshot.py: reference_sparsegpt`), alternating: ours / reference = "
-        f"{layer['ratio_median']:.3f} (median of {len(layer['ratios'])}); same mask: {layer['same_mask']}.",
+        f"{layer['ratio_median']:.3f} (median of {len(layer['ratios'])}); the two masks agree on "
+        f"{100 * layer['mask_agreement']:.3f}% of the weights (float32 inverses differ in their last bits).",
         "",
         "Peak memory that `prune_oneshot` (SparseGPT, 32 x 256 tokens) adds to a random Llama (hidden 256) against "
         "its depth: "

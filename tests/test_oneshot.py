@@ -81,6 +81,17 @@ def test_widths_not_a_multiple_of_m_prune_the_last_partial_group_like_the_traini
         assert NM(n, m).conforms(mask), "the masks PatternLock(pattern) and the engine accept"
 
 
+@pytest.mark.parametrize(("pattern", "block"), [("unstructured", 128), ("2:4", 64), ("4:8", 128), ("1:3", 96)])
+def test_sparsegpt_with_sub_blocks_equals_the_column_by_column_algorithm(pattern, block):
+    w, x = _data(rows=12, cols=200, n=1024)
+    nm = None if pattern == "unstructured" else tuple(int(v) for v in pattern.split(":"))
+    sparsity = 0.5 if nm is None else nm[0] / nm[1]
+    new, kept = sparsegpt_prune(w, _hessian(x), sparsity, pattern, block_size=block)
+    ref_new, ref_kept = _reference_sparsegpt(w, _hessian(x), sparsity, nm, block)
+    assert torch.equal(kept, ref_kept)
+    assert torch.allclose(new, ref_new, atol=1e-4)
+
+
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():
     w, x = _data(rows=32, cols=64, n=1024)
     h = _hessian(x)
