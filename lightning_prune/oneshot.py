@@ -261,31 +261,53 @@ def _columns(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+class _Shared:
+    """The last input's statistics, for the next target that sees the very same tensor (q, k and v do)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.source: Tensor | None = None
+        self.value: tuple[Tensor, int] | None = None
+
+    def clear(self) -> None:
+        self.key = self.source = self.value = None
+
+
 class _Statistics:
     """Sums of ``x^T x`` (SparseGPT) or of ``x^2`` per column (Wanda) of one target's inputs."""
 
-    def __init__(self, fqn: str, module: nn.Module, method: str) -> None:
-        self.fqn, self.method, self.count = fqn, method, 0
-        self.total: Tensor | None = None
+    def __init__(self, fqn: str, module: nn.Module, method: str, shared: _Shared) -> None:
+        self.fqn, self.method, self.count, self.shared = fqn, method, 0, shared
+        weight = module.weight
+        assert isinstance(weight, Tensor)  # a Linear or Conv2d target
+        cols = as_matrix(weight).shape[1]
+        shape = (cols, cols) if method == "sparsegpt" else (cols,)
+        self.total = torch.zeros(shape, dtype=torch.float32, device=weight.device)
         self.handle = module.register_forward_pre_hook(self._collect)
 
     def _collect(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = _columns(module, args[0].detach())
-        if not bool(torch.isfinite(x).all()):
-            raise RuntimeError(f"non-finite calibration activations reach '{self.fqn}'")
-        part = x.T @ x if self.method == "sparsegpt" else x.square().sum(0)
-        self.total = part if self.total is None else self.total.add_(part)
-        self.count += x.shape[0]
+        source = args[0]
+        key = (type(module), *(getattr(module, a, None) for a in ("kernel_size", "dilation", "padding", "stride")))
+        if self.shared.source is not source or self.shared.key != key:
+            x = _columns(module, source.detach())
+            part = x.T @ x if self.method == "sparsegpt" else x.square().sum(0)
+            self.shared.key, self.shared.source, self.shared.value = key, source, (part, x.shape[0])
+        assert self.shared.value is not None
+        part, rows = self.shared.value
+        self.total.add_(part)
+        self.count += rows
 
     def result(self, group: Any) -> tuple[Tensor, int]:
+        """The sums over every rank's batches; RuntimeError, the same on every rank, if they are unusable."""
         if group is not None:  # DDP: every rank's calibration batches count
             count = torch.tensor([float(self.count)])
             dist.all_reduce(count, group=group)
-            if self.total is not None:
-                dist.all_reduce(self.total, group=group)
+            dist.all_reduce(self.total, group=group)
             self.count = int(count)
-        if self.total is None or self.count == 0:
+        if self.count == 0:
             raise RuntimeError(f"no calibration input reached '{self.fqn}': check blocks/forward, or exclude it")
+        if not bool(torch.isfinite(self.total).all()):  # an inf or NaN input leaves its mark in the sums
+            raise RuntimeError(f"non-finite calibration activations reach '{self.fqn}'")
         return self.total, self.count
 
 
@@ -388,10 +410,12 @@ def prune_oneshot(
         fqns: list[str], call: Callable[..., Any], inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
     ) -> None:
         """Statistics of ``fqns`` while ``call(*args, **kwargs)`` runs on every input, then their pruning."""
-        stats = {f: _Statistics(f, modules[f], method) for f in fqns}
+        shared = _Shared()
+        stats = {f: _Statistics(f, modules[f], method, shared) for f in fqns}
         try:
             for args, kwargs in inputs:
                 call(*args, **kwargs)
+                shared.clear()
         finally:
             for s in stats.values():
                 s.handle.remove()
