@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,22 +37,35 @@ CASES = (("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "unstruc
 SPARSITY = 0.5
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _prune_ours(model_dir: str, ids: torch.Tensor, method: str, pattern: str) -> Any:
+def _reset_peak() -> float:
+    """Start a new peak-memory measurement (``VmHWM`` back to the current RSS); the current RSS in MB.
+
+    ``getrusage``'s ``ru_maxrss`` would not do: a child keeps its parent's peak across fork and exec.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def _prune_ours(model_dir: str, ids: torch.Tensor, method: str, pattern: str, batch_size: int) -> Any:
     from transformers import LlamaForCausalLM
 
     from lightning_prune.oneshot import prune_oneshot
 
     model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
-    batches = [{"input_ids": ids[i : i + 8]} for i in range(0, ids.shape[0], 8)]
+    batches = [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
     prune_oneshot(model, batches, method, SPARSITY, pattern, op_types="Linear", exclude=r"lm_head")
     return model
 
 
-def _prune_llmcompressor(model_dir: str, ids: torch.Tensor, method: str, pattern: str) -> Any:
+def _prune_llmcompressor(model_dir: str, ids: torch.Tensor, method: str, pattern: str, batch_size: int) -> Any:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
@@ -62,7 +74,8 @@ def _prune_llmcompressor(model_dir: str, ids: torch.Tensor, method: str, pattern
 
     structure = "0:0" if pattern == "unstructured" else pattern
     modifier = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
-    recipe = modifier(sparsity=SPARSITY, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+    # "lm_head" alone does not match: llm-compressor names the layer "lm_head." and asks for this regex
+    recipe = modifier(sparsity=SPARSITY, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -74,12 +87,14 @@ def _prune_llmcompressor(model_dir: str, ids: torch.Tensor, method: str, pattern
         num_calibration_samples=ids.shape[0],
         max_seq_length=ids.shape[1],
         shuffle_calibration_samples=False,
-        batch_size=8,
+        batch_size=batch_size,
     )
     return model
 
 
-def worker(tool: str, method: str, pattern: str, model_dir: str, calibration: str, out: str) -> dict[str, Any]:
+def worker(
+    tool: str, method: str, pattern: str, model_dir: str, calibration: str, out: str, batch_size: int = 8
+) -> dict[str, Any]:
     """Load, prune, save the Linear weights; time and peak memory of loading and pruning."""
     # the imports each tool needs are not part of the measurement
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
@@ -92,20 +107,22 @@ def worker(tool: str, method: str, pattern: str, model_dir: str, calibration: st
     else:
         from lightning_prune.oneshot import prune_oneshot  # noqa: F401
     ids = torch.load(calibration, weights_only=True)
-    before = _rss_mb()
+    before = _reset_peak()
     start = time.perf_counter()
-    model = (_prune_ours if tool == "ours" else _prune_llmcompressor)(model_dir, ids, method, pattern)
+    model = (_prune_ours if tool == "ours" else _prune_llmcompressor)(model_dir, ids, method, pattern, batch_size)
     seconds = time.perf_counter() - start
-    peak = _rss_mb()
+    peak = _status_mb("VmHWM")
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     torch.save(weights, out)
     return {"tool": tool, "seconds": seconds, "peak_mb": peak, "added_mb": peak - before}
 
 
-def _run_worker(python: Path, tool: str, method: str, pattern: str, model_dir: str, calib: str, out: str) -> dict:
+def _run_worker(
+    python: Path, tool: str, method: str, pattern: str, model_dir: str, calib: str, out: str, batch_size: int
+) -> dict:
     cmd = [str(python), "-m", "benchmarks.oneshot", "--worker", tool, "--method", method, "--pattern", pattern]
-    cmd += ["--model", model_dir, "--calibration", calib, "--out", out]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    cmd += ["--model", model_dir, "--calibration", calib, "--out", out, "--batch-size", str(batch_size)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)  # llm-compressor logs a lot
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} {method} {pattern} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,13 +200,18 @@ def measure(repeats: int = 2, quick: bool = False, python: Path = LLMC_PYTHON) -
         calib = str(Path(tmp) / "calibration.pt")
         torch.save(ids, calib)
         for method, pattern in cases:
-            runs: dict[str, list[dict[str, Any]]] = {"ours": [], "llmcompressor": []}
+            # llm-compressor with the same batches of 8 as ours, and with its default batch size (1)
+            variants = {"llmcompressor": (python, 8), "ours": (Path(sys.executable), 8)}
+            variants["llmcompressor, batch 1"] = (python, 1)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
             errors: dict[str, dict[str, float]] = {}
             for _ in range(1 if quick else repeats):
-                for tool, exe in (("llmcompressor", python), ("ours", Path(sys.executable))):
+                for name, (exe, batch) in variants.items():
+                    tool = name.split(",")[0]
                     out = str(Path(tmp) / f"{tool}.pt")
-                    runs[tool].append(_run_worker(exe, tool, method, pattern, model_dir, calib, out))
-                    errors[tool] = reconstruction_errors(dense, ids, torch.load(out, weights_only=True))
+                    runs[name].append(_run_worker(exe, tool, method, pattern, model_dir, calib, out, batch))
+                    if batch == 8:
+                        errors[tool] = reconstruction_errors(dense, ids, torch.load(out, weights_only=True))
             layers = sorted(errors["ours"])
             ratio = [errors["ours"][n] / errors["llmcompressor"][n] for n in layers]
             row = {
@@ -204,6 +226,7 @@ def measure(repeats: int = 2, quick: bool = False, python: Path = LLMC_PYTHON) -
                 "error_ratio_min": min(ratio),
             }
             row["time_ratio"] = row["seconds"]["ours"] / row["seconds"]["llmcompressor"]
+            row["time_ratio_default_batch"] = row["seconds"]["ours"] / row["seconds"]["llmcompressor, batch 1"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"rows": rows, "calibration": list(ids.shape), "model": model_dir, "repeats": repeats}
@@ -277,9 +300,11 @@ def depth_worker(depth: int, method: str, tokens: tuple[int, int] = (32, 256)) -
     ids = torch.randint(0, 4096, tokens, generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids[i : i + 8]} for i in range(0, tokens[0], 8)]
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    before = _rss_mb()
+    with torch.no_grad():
+        model(**batches[0])  # first-use allocations of torch and transformers are not pruning's
+    before = _reset_peak()
     prune_oneshot(model, batches, method, SPARSITY, op_types="Linear", exclude=r"lm_head")
-    return {"depth": depth, "model_mb": model_mb, "added_mb": _rss_mb() - before}
+    return {"depth": depth, "model_mb": model_mb, "added_mb": _status_mb("VmHWM") - before}
 
 
 def memory_by_depth(depths: tuple[int, ...] = (2, 4, 8, 16), method: str = "sparsegpt") -> list[dict[str, Any]]:
@@ -300,6 +325,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--calibration")
     parser.add_argument("--out")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--layer", action="store_true", help="only the per-layer speed against the reference")
@@ -307,7 +333,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the peak memory against depth")
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.method, args.pattern, args.model, args.calibration, args.out)
+        result = worker(args.worker, args.method, args.pattern, args.model, args.calibration, args.out, args.batch_size)
         print(json.dumps(result))
     elif args.depth:
         print(json.dumps(depth_worker(args.depth, args.method)))

@@ -116,3 +116,22 @@ def test_minilm_one_shot_rows_smoke():
     for row in rows[1:]:
         assert row["sparsity"] == pytest.approx(row["target"], abs=0.01)
         assert 0.0 < row["cosine"] < 1.0 and 0.0 <= row["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_a_kv_cache_changes_nothing_and_the_config_is_restored(method):
+    batches = [
+        {"input_ids": torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    results = []
+    for use_cache in (False, True):
+        llm = tiny_llama(layers=3)
+        llm.config.use_cache = use_cache
+        masks = oneshot.prune_oneshot(llm, batches, method, 0.5, exclude="lm_head")
+        assert llm.config.use_cache is use_cache
+        results.append((masks, {n: p.detach().clone() for n, p in llm.named_parameters()}))
+    (masks, weights), (cached_masks, cached_weights) = results
+    for name in masks:
+        assert torch.equal(masks[name], cached_masks[name]), name
+    for name in weights:
+        assert torch.equal(weights[name], cached_weights[name]), name
