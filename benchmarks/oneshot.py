@@ -233,16 +233,18 @@ def measure(repeats: int = 2, quick: bool = False, python: Path = LLMC_PYTHON) -
 
 
 @torch.no_grad()
-def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, block: int = 128) -> torch.Tensor:
+def reference_sparsegpt(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, block: int = 128, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """SparseGPT as the paper's Algorithm 1 reads (arXiv:2301.00774), float32, unstructured; the pruned weight.
 
     The straightforward form: damp the Hessian, invert it, take the upper Cholesky factor; per block of
     columns choose the mask from ``w^2 / [H^-1]_jj^2``, then per column zero the pruned weights and spread
     the error over the block's later columns; after the block, update all later columns with its errors.
     """
-    W = weight.clone().float()
-    H = hessian.clone().float()
-    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    W = weight.clone().to(dtype)
+    H = hessian.clone().to(dtype)
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=dtype)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     for i1 in range(0, W.shape[1], block):
         i2 = min(i1 + block, W.shape[1])
@@ -256,6 +258,7 @@ def reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: f
             q[mask1[:, i]] = 0
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
             Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
@@ -278,13 +281,21 @@ def layer_speed(repeats: int = 7, size: int = 1024, tokens: int = 4096) -> dict[
         start = time.perf_counter()
         reference = reference_sparsegpt(weight, hessian, 0.5)
         ratios.append(mine / (time.perf_counter() - start))
-    agree = float(((ours == 0) == (reference == 0)).float().mean())  # float32 inverses differ in the last bits
+    exact = reference_sparsegpt(weight, hessian, 0.5, dtype=torch.float64)  # the same algorithm in float64
+
+    def agreement(a: torch.Tensor) -> float:
+        return float(((a == 0) == (exact == 0)).float().mean())
+
+    def error(a: torch.Tensor) -> float:
+        return float(((weight - a.float()) @ x.T).square().sum() / (weight @ x.T).square().sum())
+
     return {
         "size": size,
         "tokens": tokens,
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
-        "mask_agreement": agree,
+        "agreement_float64": {"ours": agreement(ours), "reference": agreement(reference)},
+        "error": {"ours": error(ours), "reference": error(reference), "float64": error(exact)},
     }
 
 

@@ -195,8 +195,11 @@ def _oneshot_lines(one: dict[str, Any] | None) -> list[str]:
         f"Per layer: `sparsegpt_prune` on a Linear({layer['size']}, {layer['size']}) with {layer['tokens']} "
         "calibration tokens, 50% unstructured, against a straightforward float32 implementation of the paper's "
         f"algorithm (`benchmarks/oneshot.py: reference_sparsegpt`), alternating: ours / reference = "
-        f"{layer['ratio_median']:.3f} (median of {len(layer['ratios'])}); the two masks agree on "
-        f"{100 * layer['mask_agreement']:.3f}% of the weights (float32 inverses differ in their last bits).",
+        f"{layer['ratio_median']:.3f} (median of {len(layer['ratios'])}). Masks the same as the reference algorithm's "
+        f"run in float64: ours {100 * layer['agreement_float64']['ours']:.3f}% of the weights, the float32 reference "
+        f"{100 * layer['agreement_float64']['reference']:.3f}%; relative reconstruction error: ours "
+        f"{layer['error']['ours']:.6f}, float32 reference {layer['error']['reference']:.6f}, float64 "
+        f"{layer['error']['float64']:.6f}.",
         "",
         "Peak memory that `prune_oneshot` (SparseGPT, 32 x 256 tokens) adds to a random Llama (hidden 256) against "
         "its depth: "
