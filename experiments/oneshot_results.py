@@ -90,7 +90,9 @@ def minilm_rows(
 
     texts, labels, _ = load_bbc_news()
     train_idx, _, test_idx = (i.tolist() for i in stratified_split(torch.tensor(labels), (0.7, 0.1, 0.2), seed))
-    train_idx, test_idx = train_idx[:subset], test_idx[:subset]  # subset: a smoke run
+    if subset:  # a smoke run: evenly spread, so that every topic is in it
+        train_idx = train_idx[:: max(1, len(train_idx) // subset)][:subset]
+        test_idx = test_idx[:: max(1, len(test_idx) // subset)][:subset]
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
 
     def encode(index: list[int]) -> dict[str, torch.Tensor]:
