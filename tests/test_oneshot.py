@@ -287,7 +287,7 @@ def _oneshot_on_rank(rank: int, world: int, init: str, out: str, method: str) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("method", ["sparsegpt", pytest.param("wanda", marks=pytest.mark.slow)])
 def test_under_ddp_ranks_split_the_batches_and_end_identical_to_one_process(tmp_path, method):
     out = str(tmp_path / "oneshot")
     init = f"file://{tmp_path / 'rdv'}"
