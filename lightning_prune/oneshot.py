@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_prune.engine.pruner import check_fraction
 from lightning_prune.engine.scores import process_group
+from lightning_prune.hf import CACHE_ARGUMENTS, kv_cache_off
 from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
 from lightning_prune.sharding import is_dtensor
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
@@ -423,9 +424,8 @@ def prune_oneshot(
 
     training = model.training
     model.eval()
-    caching = _without_kv_cache(model)
-    try:
-        with torch.no_grad():
+    try:  # each block runs twice per batch: a key/value cache would join the two runs' keys
+        with torch.no_grad(), kv_cache_off(model):
             if method == "magnitude":  # no data needed
                 prune(list(targets), {})
             elif block_names:
@@ -447,29 +447,7 @@ def prune_oneshot(
         raise
     finally:
         model.train(training)
-        caching()
     return {fqn: masks[fqn] for fqn in targets}
-
-
-_CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "layer_past")
-
-
-def _without_kv_cache(model: nn.Module) -> Callable[[], None]:
-    """Turn off the key/value cache of ``transformers`` models (``config.use_cache``); returns the undo.
-
-    Each block runs twice per batch (observed, then again once pruned): a cache would append the second
-    run's keys to the first's and the attention would see both.
-    """
-    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
-    saved = {key: c.use_cache for key, c in configs.items() if getattr(c, "use_cache", None) is not None}
-    for key in saved:
-        configs[key].use_cache = False
-
-    def undo() -> None:
-        for key, value in saved.items():
-            configs[key].use_cache = value
-
-    return undo
 
 
 def target_modules(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, nn.Module]:
@@ -531,7 +509,7 @@ def _block_inputs(
     cached: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = {k: None if k in _CACHE_ARGUMENTS else v for k, v in kwargs.items()}  # see _without_kv_cache
+        kwargs = {k: None if k in CACHE_ARGUMENTS else v for k, v in kwargs.items()}  # see kv_cache_off
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         cached.append((args, kwargs))

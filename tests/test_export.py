@@ -75,6 +75,32 @@ def test_slimmed_bert_ffn_equals_masked():
     assert report["params_after"] < report["params_before"]
 
 
+def test_slims_a_hugging_face_llama_with_its_default_kv_cache_and_leaves_the_setting_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    llm = LlamaForCausalLM(config)
+    assert llm.config.use_cache, "the default a new user gets"
+    dead = torch.arange(0, 64, 2)  # the same FFN neurons in gate, up (rows) and down (columns)
+    masks = {}
+    for i in range(2):
+        for name in ("gate_proj", "up_proj"):
+            keep = torch.ones(64, 32, dtype=torch.bool)
+            keep[dead] = False
+            masks[f"model.layers.{i}.mlp.{name}.weight"] = keep
+        keep = torch.ones(32, 64, dtype=torch.bool)
+        keep[:, dead] = False
+        masks[f"model.layers.{i}.mlp.down_proj.weight"] = keep
+    ids = torch.randint(0, 100, (2, 12))
+    small, _ = slim(llm, masks, {"input_ids": ids})  # outputs checked equal to the masked model's inside
+    for layer in small.model.layers:
+        assert layer.mlp.up_proj.out_features == 32 and layer.mlp.down_proj.in_features == 32
+    assert llm.config.use_cache and small.config.use_cache, "the cache setting is only off while slimming"
+
+
 def test_slim_refuses_masks_without_whole_channels():
     model, masks, _ = train_pruned(ResNetSmall(), "unstructured", steps=12)
     with pytest.raises(ValueError, match="1xchannel.*channelx1"):

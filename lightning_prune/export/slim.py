@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.export.permanent import make_permanent
+from lightning_prune.hf import kv_cache_off
 
 __all__ = ["slim"]
 
@@ -113,10 +114,18 @@ def slim(
         >>> small[0].weight.shape, report["removed"]
         (torch.Size([2, 4]), {'0': 1})
     """
-    tp = _torch_pruning()
     masked = make_permanent(model, masks)
     masked.eval()
     slimmed = copy.deepcopy(masked)
+    # a key/value cache makes the outputs tuples that Torch-Pruning cannot trace; the copies keep their setting
+    with kv_cache_off(masked), kv_cache_off(slimmed):
+        return _slim(masked, slimmed, masks, example_inputs, check)
+
+
+def _slim(
+    masked: nn.Module, slimmed: nn.Module, masks: Mapping[str, Tensor], example_inputs: Any, check: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    tp = _torch_pruning()
     modules = dict(slimmed.named_modules())
     before = _count(slimmed, example_inputs)
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
