@@ -99,6 +99,44 @@ def test_slims_a_hugging_face_llama_with_its_default_kv_cache_and_leaves_the_set
     for layer in small.model.layers:
         assert layer.mlp.up_proj.out_features == 32 and layer.mlp.down_proj.in_features == 32
     assert llm.config.use_cache and small.config.use_cache, "the cache setting is only off while slimming"
+    assert small.config.intermediate_size == 32 and llm.config.intermediate_size == 64
+
+
+def test_a_slimmed_llama_round_trips_through_save_pretrained(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
+    masks = {}
+    for i in range(2):
+        dead = torch.arange(i, 64, 4)  # 16 neurons per layer, other ones in each layer
+        for name in ("gate_proj", "up_proj"):
+            keep = torch.ones(64, 32, dtype=torch.bool)
+            keep[dead] = False
+            masks[f"model.layers.{i}.mlp.{name}.weight"] = keep
+        keep = torch.ones(32, 64, dtype=torch.bool)
+        keep[:, dead] = False
+        masks[f"model.layers.{i}.mlp.down_proj.weight"] = keep
+    ids = torch.randint(0, 100, (2, 12))
+    small, _ = slim(llm, masks, {"input_ids": ids})
+    small.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert again.config.intermediate_size == 48
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(input_ids=ids).logits, small.eval()(input_ids=ids).logits, atol=1e-6)
+    uneven = dict(masks)
+    keep = torch.ones(64, 32, dtype=torch.bool)
+    keep[:8] = False
+    for name in ("gate_proj", "up_proj"):
+        uneven[f"model.layers.1.mlp.{name}.weight"] = keep
+    down = torch.ones(32, 64, dtype=torch.bool)
+    down[:, :8] = False
+    uneven["model.layers.1.mlp.down_proj.weight"] = down
+    with pytest.warns(UserWarning, match=r"different FFN widths \(\[48, 56\]\).*torch.save"):
+        lopsided, _ = slim(llm, uneven, {"input_ids": ids})
+    assert lopsided.config.intermediate_size == 64
 
 
 def test_slim_refuses_masks_without_whole_channels():

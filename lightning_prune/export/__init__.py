@@ -11,7 +11,15 @@
 from lightning_prune.export.consolidate import consolidate_checkpoint
 from lightning_prune.export.kernels import to_semi_structured
 from lightning_prune.export.permanent import make_permanent
-from lightning_prune.export.slim import slim
+from lightning_prune.export.slim import describe_ffn_width, slim
 from lightning_prune.export.sparse import load_sparse, save_sparse
 
-__all__ = ["consolidate_checkpoint", "load_sparse", "make_permanent", "save_sparse", "slim", "to_semi_structured"]
+__all__ = [
+    "consolidate_checkpoint",
+    "describe_ffn_width",
+    "load_sparse",
+    "make_permanent",
+    "save_sparse",
+    "slim",
+    "to_semi_structured",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -170,6 +171,7 @@ def _slim(
             "N:M masks use make_permanent, save_sparse or to_semi_structured (2:4)"
         )
     _warn_left(masks, slimmed, channels)
+    describe_ffn_width(slimmed)
     after = _count(slimmed, example_inputs)
     if check:
         with torch.no_grad():
@@ -182,6 +184,44 @@ def _slim(
         "removed": removed,
     }
     return slimmed, report
+
+
+# The first Linear of a transformer FFN in the common Hugging Face models: its outputs are the FFN's neurons.
+_FFN_INPUT = re.compile(r"(.*\.)?(mlp\.(up_proj|gate_proj|fc1|c_fc|dense_h_to_4h)|intermediate\.dense)")
+
+
+def describe_ffn_width(model: nn.Module) -> int | None:
+    """Make a Hugging Face ``config.intermediate_size`` describe a model whose FFN neurons were removed.
+
+    If every layer kept the same number of FFN neurons, that number goes into the config, so that
+    ``save_pretrained`` / ``from_pretrained`` round-trip the slimmed model; it is returned. Hugging Face
+    configs have one width for all layers: if the layers differ, the config is left as it was, a warning says
+    so, and None is returned (save the module itself, ``torch.save(model)``, instead).
+
+    Example:
+        >>> describe_ffn_width(nn.Linear(2, 2)) is None  # no config, nothing to describe
+        True
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "intermediate_size"):
+        return None
+    widths = {
+        name: module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _FFN_INPUT.fullmatch(name)
+    }
+    if not widths or set(widths.values()) == {config.intermediate_size}:
+        return None
+    if len(set(widths.values())) > 1:
+        warnings.warn(
+            f"the slimmed layers keep different FFN widths ({sorted(set(widths.values()))}), which a Hugging Face "
+            f"config cannot describe (intermediate_size={config.intermediate_size}): save_pretrained would not "
+            "load back; save the module with torch.save, or prune with scope='local' for one width",
+            stacklevel=3,
+        )
+        return None
+    config.intermediate_size = next(iter(widths.values()))
+    return int(config.intermediate_size)
 
 
 def _warn_left(masks: Mapping[str, Tensor], slimmed: nn.Module, channels: list[str]) -> None:
