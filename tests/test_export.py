@@ -139,6 +139,24 @@ def test_a_slimmed_llama_round_trips_through_save_pretrained(tmp_path):
     assert lopsided.config.intermediate_size == 64
 
 
+@pytest.mark.parametrize(("layer", "dim"), [("q_proj", 0), ("v_proj", 0), ("o_proj", 1)])
+def test_slim_refuses_channels_of_attention_heads_up_front_naming_the_layer(layer, dim):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    )
+    keep = torch.ones(32, 32, dtype=torch.bool)
+    if dim == 0:
+        keep[::2] = False
+    else:
+        keep[:, ::2] = False
+    masks = {f"model.layers.0.self_attn.{layer}.weight": keep}
+    with pytest.raises(ValueError, match=rf"'model.layers.0.self_attn.{layer}' is an attention projection.*'head'"):
+        slim(llm, masks, {"input_ids": torch.randint(0, 100, (1, 8))})
+
+
 def test_slim_refuses_masks_without_whole_channels():
     model, masks, _ = train_pruned(ResNetSmall(), "unstructured", steps=12)
     with pytest.raises(ValueError, match="1xchannel.*channelx1"):

@@ -123,9 +123,35 @@ def slim(
         return _slim(masked, slimmed, masks, example_inputs, check)
 
 
+# Attention projections of the common Hugging Face models: their channels are heads' dimensions, which the
+# attention code reshapes by head count, so single channels cannot be removed.
+_ATTENTION_OUT = re.compile(
+    r"(.*\.)?(self_attn\.(q_proj|k_proj|v_proj)|attention\.self\.(query|key|value)|attn\.c_attn)"
+)
+_ATTENTION_IN = re.compile(r"(.*\.)?(self_attn\.o_proj|attention\.output\.dense|attn\.c_proj)")
+
+
+def _refuse_attention_channels(masks: Mapping[str, Tensor]) -> None:
+    """Raise, before anything is traced, for whole channels pruned in attention projections."""
+    for name, mask in masks.items():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or mask.dim() < 2:
+            continue
+        matrix = mask.reshape(mask.shape[0], -1)
+        rows, cols = bool((~matrix.any(1)).any()), bool((~matrix.any(0)).any())
+        if (rows and _ATTENTION_OUT.fullmatch(module_name)) or (cols and _ATTENTION_IN.fullmatch(module_name)):
+            raise ValueError(
+                f"'{module_name}' is an attention projection with whole {'output' if rows else 'input'} channels "
+                "pruned: slim cannot remove single channels of attention heads (the attention code reshapes them "
+                "by head count). Exclude the attention projections from channel pruning (e.g. "
+                r"exclude=r'.*self_attn\..*'), or prune whole heads with the 'head' pattern once it is available"
+            )
+
+
 def _slim(
     masked: nn.Module, slimmed: nn.Module, masks: Mapping[str, Tensor], example_inputs: Any, check: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
+    _refuse_attention_channels(masks)
     tp = _torch_pruning()
     modules = dict(slimmed.named_modules())
     before = _count(slimmed, example_inputs)
