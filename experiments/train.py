@@ -135,7 +135,7 @@ def dense_baseline(cfg: DictConfig, out: Path, weights: bool = False) -> dict[st
     """Train the dense model, or reuse the one trained earlier with the same data, model, trainer and seed.
 
     With ``weights`` the record also holds the trained weights (``"state"``), kept next to the record for
-    later runs (one-shot pruners start from them).
+    later runs (one-shot pruners start from them); a cached record without them is retrained once.
     """
     if cfg.dense == "skip":
         return None
@@ -150,11 +150,12 @@ def dense_baseline(cfg: DictConfig, out: Path, weights: bool = False) -> dict[st
     _say(f"dense:  training {cfg.steps} steps ...")
     result = _fit_and_test(cfg.copy(), [], cfg.init_from)
     record = {"accuracy": result["accuracy"], "seconds": result["seconds"]}
-    state = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()}
+    # the weights are copied and written only for the runs that start from them (one-shot pruners)
+    state = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()} if weights else {}
     if result["trainer"].is_global_zero:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(record))
-        if not any(hasattr(v, "full_tensor") for v in state.values()):  # a sharded model is not kept
+        if state and not any(hasattr(v, "full_tensor") for v in state.values()):  # a sharded model is not kept
             torch.save(state, saved)
     return {**record, "state": state} if weights else record
 

@@ -75,6 +75,14 @@ def test_slimmed_bert_ffn_equals_masked():
     assert report["params_after"] < report["params_before"]
 
 
+def ffn_masks(layer: int, dead: torch.Tensor, width: int = 64, hidden: int = 32) -> dict[str, torch.Tensor]:
+    """Masks pruning the same FFN neurons of a Llama layer in gate and up (rows) and down (columns)."""
+    rows = torch.ones(width, hidden, dtype=torch.bool)
+    rows[dead] = False
+    prefix = f"model.layers.{layer}.mlp"
+    return {f"{prefix}.gate_proj.weight": rows, f"{prefix}.up_proj.weight": rows, f"{prefix}.down_proj.weight": rows.T}
+
+
 def test_slims_a_hugging_face_llama_with_its_default_kv_cache_and_leaves_the_setting_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -84,16 +92,8 @@ def test_slims_a_hugging_face_llama_with_its_default_kv_cache_and_leaves_the_set
     )
     llm = LlamaForCausalLM(config)
     assert llm.config.use_cache, "the default a new user gets"
-    dead = torch.arange(0, 64, 2)  # the same FFN neurons in gate, up (rows) and down (columns)
-    masks = {}
-    for i in range(2):
-        for name in ("gate_proj", "up_proj"):
-            keep = torch.ones(64, 32, dtype=torch.bool)
-            keep[dead] = False
-            masks[f"model.layers.{i}.mlp.{name}.weight"] = keep
-        keep = torch.ones(32, 64, dtype=torch.bool)
-        keep[:, dead] = False
-        masks[f"model.layers.{i}.mlp.down_proj.weight"] = keep
+    dead = torch.arange(0, 64, 2)
+    masks = {**ffn_masks(0, dead), **ffn_masks(1, dead)}
     ids = torch.randint(0, 100, (2, 12))
     small, _ = slim(llm, masks, {"input_ids": ids})  # outputs checked equal to the masked model's inside
     for layer in small.model.layers:
@@ -109,16 +109,7 @@ def test_a_slimmed_llama_round_trips_through_save_pretrained(tmp_path):
     llm = LlamaForCausalLM(
         LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     )
-    masks = {}
-    for i in range(2):
-        dead = torch.arange(i, 64, 4)  # 16 neurons per layer, other ones in each layer
-        for name in ("gate_proj", "up_proj"):
-            keep = torch.ones(64, 32, dtype=torch.bool)
-            keep[dead] = False
-            masks[f"model.layers.{i}.mlp.{name}.weight"] = keep
-        keep = torch.ones(32, 64, dtype=torch.bool)
-        keep[:, dead] = False
-        masks[f"model.layers.{i}.mlp.down_proj.weight"] = keep
+    masks = {**ffn_masks(0, torch.arange(0, 64, 4)), **ffn_masks(1, torch.arange(1, 64, 4))}  # 16 per layer
     ids = torch.randint(0, 100, (2, 12))
     small, _ = slim(llm, masks, {"input_ids": ids})
     small.save_pretrained(tmp_path)
@@ -126,14 +117,7 @@ def test_a_slimmed_llama_round_trips_through_save_pretrained(tmp_path):
     assert again.config.intermediate_size == 48
     with torch.no_grad():
         assert torch.allclose(again.eval()(input_ids=ids).logits, small.eval()(input_ids=ids).logits, atol=1e-6)
-    uneven = dict(masks)
-    keep = torch.ones(64, 32, dtype=torch.bool)
-    keep[:8] = False
-    for name in ("gate_proj", "up_proj"):
-        uneven[f"model.layers.1.mlp.{name}.weight"] = keep
-    down = torch.ones(32, 64, dtype=torch.bool)
-    down[:, :8] = False
-    uneven["model.layers.1.mlp.down_proj.weight"] = down
+    uneven = {**masks, **ffn_masks(1, torch.arange(8))}
     with pytest.warns(UserWarning, match=r"different FFN widths \(\[48, 56\]\).*torch.save"):
         lopsided, _ = slim(llm, uneven, {"input_ids": ids})
     assert lopsided.config.intermediate_size == 64
