@@ -14,22 +14,33 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "FFN",
     "NM",
     "Block",
     "Channel",
+    "Coupled",
+    "Head",
+    "Member",
     "Pattern",
+    "UnitGroup",
     "Unstructured",
     "as_matrix",
     "from_matrix",
     "parse_pattern",
 ]
 
-_PATTERN_CHOICES = "use 'NxM' (e.g. '4x1'), 'channelx1', '1xchannel', 'N:M' (e.g. '2:4') or 'unstructured'"
+_PATTERN_CHOICES = (
+    "use 'NxM' (e.g. '4x1'), 'channelx1', '1xchannel', 'N:M' (e.g. '2:4'), 'unstructured', 'head' (attention heads) "
+    "or 'ffn' (FFN neurons)"
+)
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -266,59 +277,91 @@ class Channel(Pattern):
     """Whole channels: ``kind="input"`` (``channelx1``) or ``kind="output"`` (``1xchannel``).
 
     An input channel is a Linear column, or for a convolution input channel ``c`` in every filter and every
-    kernel position; an output channel is a Linear row or a whole convolution filter.
+    kernel position; an output channel is a Linear row or a whole convolution filter. With ``width > 1`` a
+    unit is ``width`` consecutive channels (an attention head's rows or columns, for :class:`Head`).
 
     Args:
         kind: ``"input"`` or ``"output"``.
+        width: channels per unit.
 
     Example:
         >>> Channel("output").unit_scores(torch.ones(8, 3, 3, 3)).shape
         torch.Size([8])
+        >>> Channel("input", width=4).unit_scores(torch.ones(2, 8)).shape
+        torch.Size([2])
     """
 
     linear = True
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, width: int = 1) -> None:
         if kind not in ("input", "output"):
             raise ValueError(f"Channel kind must be 'input' or 'output', got {kind!r}")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"Channel width must be a positive int, got {width!r}")
         self.kind = kind
+        self.width = width
         self._dim = 1 if kind == "input" else 0
-        self.unit_rows = None if kind == "input" else 1
-        self.output_units = kind == "output"
+        self.unit_rows = None if kind == "input" else width
+        self.output_units = kind == "output" and width == 1
+
+    def check(self, fqn: str, shape: torch.Size | tuple[int, ...]) -> None:
+        """Also: the channels split into whole units of ``width``."""
+        super().check(fqn, shape)
+        if shape[self._dim] % self.width:
+            raise ValueError(
+                f"'{fqn}' has {shape[self._dim]} {self.kind} channels, not a multiple of the unit width {self.width}"
+            )
 
     def unit_scores(self, scores: Tensor) -> Tensor:
-        """Mean score of each channel."""
-        dims = [d for d in range(scores.dim()) if d != self._dim]
-        return scores.mean(dim=dims)
+        """Mean score of each channel (of each ``width`` channels)."""
+        if self.width == 1:
+            dims = [d for d in range(scores.dim()) if d != self._dim]
+            return scores.mean(dim=dims)
+        return scores.movedim(self._dim, 0).reshape(scores.shape[self._dim] // self.width, -1).mean(dim=1)
 
     def unit_sizes(self, shape: torch.Size | tuple[int, ...]) -> int:
-        """Elements in one channel."""
-        return math.prod(shape) // shape[self._dim]
+        """Elements in one unit."""
+        return math.prod(shape) // shape[self._dim] * self.width
 
     def unit_view(self, shape: torch.Size | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-        """The weight itself; a channel spans every dimension but its own.
+        """The weight itself, the unit's channels split as (units, width); a unit spans every other dimension.
 
         Example:
             >>> Channel("output").unit_view((8, 3, 3, 3))
             ((8, 3, 3, 3), (1, 2, 3))
+            >>> Channel("input", width=4).unit_view((2, 8))
+            ((2, 2, 4), (0, 2))
         """
-        return tuple(shape), tuple(d for d in range(len(shape)) if d != self._dim)
+        if self.width == 1:
+            return tuple(shape), tuple(d for d in range(len(shape)) if d != self._dim)
+        d = self._dim
+        view = (*shape[:d], shape[d] // self.width, self.width, *shape[d + 1 :])
+        return tuple(view), tuple(i for i in range(len(view)) if i != d)
 
     def shard_units(
         self, shape: tuple[int, ...], offset: tuple[int, ...], local_shape: tuple[int, ...]
     ) -> tuple[tuple[int, ...], tuple[int, ...], bool] | None:
-        """A shard holds its slice of channels; cut along any other dimension, its channel scores are partial."""
-        partial = any(n != full for d, (n, full) in enumerate(zip(local_shape, shape)) if d != self._dim)
-        return (shape[self._dim],), (offset[self._dim],), partial
+        """A shard holds its slice of channels; cut along any other dimension, its channel scores are partial.
+
+        Units of ``width`` channels must not straddle the shard's edge.
+        """
+        d = self._dim
+        if not _aligned(offset[d], local_shape[d], shape[d], self.width):
+            return None
+        partial = any(n != full for i, (n, full) in enumerate(zip(local_shape, shape)) if i != d)
+        return (shape[d] // self.width,), (offset[d] // self.width,), partial
 
     def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
-        """Broadcast each channel decision over the channel."""
+        """Broadcast each unit decision over its channels."""
         view = [1] * scores.dim()
         view[self._dim] = -1
+        if self.width > 1:
+            pruned_units = pruned_units.repeat_interleave(self.width)
         return pruned_units.reshape(view).expand(scores.shape)
 
     def __repr__(self) -> str:
-        return "channelx1" if self.kind == "input" else "1xchannel"
+        name = "channelx1" if self.kind == "input" else "1xchannel"
+        return name if self.width == 1 else f"{name}[{self.width}]"
 
 
 class NM(Pattern):
@@ -412,11 +455,168 @@ class NM(Pattern):
         return f"{self.n}:{self.m}"
 
 
+@dataclass(frozen=True)
+class Member:
+    """One weight of a :class:`UnitGroup`: its name, its own units, and which group units they belong to.
+
+    Attributes:
+        fqn: the weight's parameter name.
+        pattern: the weight's own units (rows or columns of a head or neuron).
+        repeat: group unit ``u`` is this weight's unit ``u // repeat`` (a key/value head serves ``repeat`` query
+            heads); the weight's unit is pruned once all its group units are.
+
+    Example:
+        >>> Member("attn.k.weight", Channel("output", 16), repeat=4).repeat
+        4
+    """
+
+    fqn: str
+    pattern: Channel
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """One layer of a :class:`Coupled` pattern: ``units`` units, each spanning rows/columns of its members.
+
+    Example:
+        >>> g = UnitGroup("mlp", 4, (Member("mlp.fc1.weight", Channel("output")),))
+        >>> g.fqns
+        ['mlp.fc1.weight']
+    """
+
+    name: str
+    units: int
+    members: tuple[Member, ...]
+
+    @property
+    def fqns(self) -> list[str]:
+        """The members' weight names."""
+        return [m.fqn for m in self.members]
+
+
+class Coupled(Pattern):
+    """Base class: units that span several weights of a layer (attention heads, FFN neurons), scored as one.
+
+    A unit's score is the mean of its elements' scores over all its weights; a key/value head shared by
+    several query heads counts for each of them in proportion (SPEC.md's unit mean, over the whole unit). The
+    engine ranks the units of each layer (``local``) or of all layers (``global``) and keeps at least one per
+    layer. Each weight's part of a unit is a box (rows or columns), so masks, zero keeping and sharding work
+    per weight as for channels.
+
+    Args:
+        layers: an explicit layout by layer name, for models whose layout is not recognised (see
+            :func:`~lightning_prune.structure.find_attention` and :func:`~lightning_prune.structure.find_ffn`).
+    """
+
+    linear = True
+    unit_rows = None
+    noun = "unit"
+
+    def __init__(self, layers: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        if layers is not None and not isinstance(layers, Mapping):
+            raise TypeError(f"layers must be a mapping from layer name to its layout, got {type(layers).__name__}")
+        self.layers = layers
+
+    @abstractmethod
+    def groups(self, model: torch.nn.Module) -> list[UnitGroup]:
+        """The model's layers of this pattern, in module order (empty if none is recognised)."""
+
+    def _per_weight(self) -> TypeError:
+        return TypeError(
+            f"pattern '{self}' spans several weights; its units are scored per layer by the engine (Pruner), "
+            "each weight through its member pattern (UnitGroup.members)"
+        )
+
+    def unit_scores(self, scores: Tensor) -> Tensor:
+        """Not per weight: see :class:`Member`."""
+        raise self._per_weight()
+
+    def unit_sizes(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """Not per weight: see :class:`Member`."""
+        raise self._per_weight()
+
+    def expand(self, pruned_units: Tensor, scores: Tensor) -> Tensor:
+        """Not per weight: see :class:`Member`."""
+        raise self._per_weight()
+
+
+class Head(Coupled):
+    """Whole attention heads (``"head"``): a head's rows of Q, K and V and its columns of the output projection.
+
+    With grouped-query attention a key/value head is pruned only when every query head it serves is. Heads
+    are found in the common Hugging Face models by name, with counts from their configs
+    (:func:`~lightning_prune.structure.find_attention`); pass ``layers`` for others.
+
+    Args:
+        layers: ``{attention name: {"q": ..., "k": ..., "v": ..., "o": ..., "num_heads": H,
+            "num_kv_heads": K, "head_dim": D}}`` (full Linear names; ``num_kv_heads`` and ``head_dim`` optional).
+
+    Example:
+        >>> Head(), Head({"blocks.0.attn": {"q": "blocks.0.attn.wq", "k": "blocks.0.attn.wk",
+        ...                                 "v": "blocks.0.attn.wv", "o": "blocks.0.attn.wo", "num_heads": 4}})
+        (head, head)
+    """
+
+    noun = "head"
+
+    def groups(self, model: torch.nn.Module) -> list[UnitGroup]:
+        """One group per attention layer: ``num_heads`` units."""
+        from lightning_prune.structure import find_attention
+
+        out = []
+        for a in find_attention(model, self.layers):
+            rows, cols = Channel("output", a.head_dim), Channel("input", a.head_dim)
+            members = (
+                Member(f"{a.q}.weight", rows),
+                Member(f"{a.k}.weight", rows, a.group_size),
+                Member(f"{a.v}.weight", rows, a.group_size),
+                Member(f"{a.o}.weight", cols),
+            )
+            out.append(UnitGroup(a.name, a.num_heads, members))
+        return out
+
+    def __repr__(self) -> str:
+        return "head"
+
+
+class FFN(Coupled):
+    """Whole FFN neurons (``"ffn"``): a neuron's row of each input projection (gate and up) and its column of down.
+
+    A neuron is scored once over the three matrices and pruned in all of them, so that it outputs exactly zero
+    and slimming removes it. FFNs are found by name (:func:`~lightning_prune.structure.find_ffn`); pass
+    ``layers`` for others.
+
+    Args:
+        layers: ``{ffn name: {"inputs": [Linear names whose rows are neurons], "output": Linear name}}``.
+
+    Example:
+        >>> FFN()
+        ffn
+    """
+
+    noun = "FFN neuron"
+
+    def groups(self, model: torch.nn.Module) -> list[UnitGroup]:
+        """One group per FFN: one unit per neuron."""
+        from lightning_prune.structure import find_ffn
+
+        out = []
+        for f in find_ffn(model, self.layers):
+            members = (*(Member(f"{n}.weight", Channel("output")) for n in f.inputs),)
+            out.append(UnitGroup(f.name, f.neurons, (*members, Member(f"{f.output}.weight", Channel("input")))))
+        return out
+
+    def __repr__(self) -> str:
+        return "ffn"
+
+
 def parse_pattern(pattern: str | Pattern) -> Pattern:
     """Turn a pattern name into a :class:`Pattern`; pattern objects pass through.
 
     Args:
-        pattern: ``"unstructured"`` / ``"1x1"``, ``"NxM"``, ``"channelx1"``, ``"1xchannel"`` or ``"N:M"``.
+        pattern: ``"unstructured"`` / ``"1x1"``, ``"NxM"``, ``"channelx1"``, ``"1xchannel"``, ``"N:M"``,
+            ``"head"`` or ``"ffn"``.
 
     Raises:
         ValueError: the string names no pattern.
@@ -437,6 +637,10 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
         return Channel("input")
     if text == "1xchannel":
         return Channel("output")
+    if text == "head":
+        return Head()
+    if text == "ffn":
+        return FFN()
     if match := re.fullmatch(r"(\d+)x(\d+)", text):
         rows, cols = int(match[1]), int(match[2])
         if rows >= 1 and cols >= 1:

@@ -327,7 +327,7 @@ def select(
     sparsity: float,
     scope: str = "global",
     min_sparsity: float = 0.0,
-    max_sparsity: float = 1.0,
+    max_sparsity: float | Sequence[float] = 1.0,
     group: Any = None,
     shards: Sequence[UnitShard] | None = None,
 ) -> list[Tensor]:
@@ -335,7 +335,8 @@ def select(
 
     ``local``: each layer prunes ``sparsity`` of its own elements. ``global``: one ranking across layers,
     the budget counted in elements; every layer stays within ``[min_sparsity, max_sparsity]``, enforced by
-    fixing violating layers at their bound and re-ranking the rest (exact water-filling).
+    fixing violating layers at their bound and re-ranking the rest (exact water-filling). ``max_sparsity`` may
+    be one bound per layer.
 
     With ``group`` and ``shards`` (see :func:`prune_lowest`) every process passes its shards of the same
     layers and ``numels`` counts whole layers; every count is all-reduced, so that all processes take the
@@ -361,6 +362,7 @@ def select(
         local = [count_pruned(pick, sizes[i]) if owned[i] else 0 for i, pick in picks.items()]
         return dict(zip(picks, all_reduce_ints(local, group)))
 
+    maxes = [max_sparsity] * len(scores) if isinstance(max_sparsity, (int, float)) else list(max_sparsity)
     budget = _layer_budget(sparsity, sum(numels))
     fixed: dict[int, Tensor] = {}
     spent = 0
@@ -371,7 +373,7 @@ def select(
         picks = dict(zip(pool, prune_lowest(pool_scores, pool_sizes, budget - spent, True, group, pool_shards)))
         violations: dict[int, Tensor] = {}
         for i, pruned in counts(picks).items():
-            upper = math.floor(max_sparsity * numels[i] + 1e-9)
+            upper = math.floor(maxes[i] * numels[i] + 1e-9)
             lower = math.ceil(min_sparsity * numels[i] - 1e-9)
             if pruned > upper or pruned < lower:
                 bound = upper if pruned > upper else lower

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lightning_prune import GroupLasso, PatternLock, ProgressivePruning, Pruning
+from lightning_prune.patterns import FFN
 from lightning_prune.schedules import Iterative
 from lightning_prune.sharding import is_dtensor
 
@@ -125,8 +126,10 @@ class Record(pl.Callback):
             dist.destroy_process_group()
 
 
-def make_callback(kind: str, pattern: str, criterion: str, scope: str) -> Any:
+def make_callback(kind: str, pattern: Any, criterion: str, scope: str) -> Any:
     target = 0.5 if ":" in pattern else 0.7
+    if pattern == "ffn":  # the first two Linears as one FFN: a neuron is a row of net.0 and a column of net.2
+        pattern = FFN(layers={"net": {"inputs": ["net.0"], "output": "net.2"}})
     schedule = Iterative(start_step=0, end_step=8, frequency=2)
     if kind == "pruning":
         return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False)

@@ -232,8 +232,9 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         ("--callback", "progressive"),
         ("--callback", "group_lasso"),
         ("--callback", "lock"),
+        ("--pattern", "ffn", "--criterion", "snip_momentum"),  # neurons: rows of one Linear, columns of the next
     ],
-    ids=["2:4-magnitude-local", "unstructured-snip", "channelx1", "1xchannel-bn", "progressive", "lasso", "lock"],
+    ids=["2:4-magnitude-local", "unstructured-snip", "channelx1", "1xchannel-bn", "progressive", "lasso", "lock", "ffn"],
 )
 def test_fsdp2_equals_ddp_bit_for_bit_for_every_callback_and_pattern(runs, args):
     _, fsdp = runs("--mode", "fsdp", *args)
@@ -275,6 +276,16 @@ def test_tensor_parallel_and_2d_mesh_give_the_masks_of_ddp(runs):
     assert "_StridedShard" in mesh2d["placements"]["net.0.weight"]
     assert _same(mesh2d["masks"], ddp2["masks"]) == []
     assert mesh2d["sparsity"] == [ddp2["sparsity"][0]] * 4
+
+
+@pytest.mark.slow
+def test_coupled_neurons_under_tensor_parallel_give_the_masks_of_ddp(runs):
+    # a neuron is a row of the column-wise sharded net.0 and a column of the row-wise sharded net.2
+    _, tp = runs("--mode", "tp", "--devices", "2", "--pattern", "ffn")
+    _, ddp1 = runs("--mode", "ddp", "--devices", "1", "--pattern", "ffn")
+    assert _same(tp["masks"], ddp1["masks"]) == []
+    dead = ~tp["masks"]["net.0.weight"].any(dim=1)
+    assert 0 < int(dead.sum()) < 32 and torch.equal(dead, ~tp["masks"]["net.2.weight"].any(dim=0))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.engine.zeroing import ZERO_KEEPING, all_kept, multiply, unit_multiplier
-from lightning_prune.patterns import Pattern
+from lightning_prune.patterns import Coupled, Pattern, UnitGroup
 from lightning_prune.report import SparsityRow
 from lightning_prune.sharding import Box, all_reduce_ints, box_of, every_box, is_dtensor, local, placed, sharded_group
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
@@ -70,6 +70,9 @@ class MaskKeeper:
         self._group: Any = None
         self._boxes: dict[str, Box] = {}
         self._kept: dict[str, int] = {}  # kept weights per target, over all ranks (sharded only)
+        # Each target's own pattern where it differs from `_unit_pattern()` (members of a coupled pattern).
+        self._patterns: dict[str, Pattern] = {}
+        self._groups: list[UnitGroup] = []  # the layers of a coupled pattern, each a unit over several targets
 
     # ------------------------------------------------------------------ public views
     @property
@@ -129,7 +132,7 @@ class MaskKeeper:
     # ------------------------------------------------------------------ binding to a model
     def check(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Resolve and validate the targets of ``model`` without touching it; raises on anything wrong."""
-        targets = resolve_targets(model, self.op_types, self.include, self.exclude)
+        targets = self._select_targets(model, resolve_targets(model, self.op_types, self.include, self.exclude))
         for fqn, param in targets.items():
             self._check_target(fqn, param)
         self._check_shards(targets)
@@ -141,11 +144,9 @@ class MaskKeeper:
 
         Every rank's shard is computed from the placement alone, so that all ranks see the same faults.
         """
-        pattern = self._unit_pattern()
-        if pattern is None:
-            return
         for fqn, param in targets.items():
-            if not is_dtensor(param):
+            pattern = self._pattern_for(fqn)
+            if pattern is None or not is_dtensor(param):
                 continue
             placements, mesh = param.placements, param.device_mesh  # type: ignore[attr-defined]
             for rank, box in every_box(param):
@@ -169,15 +170,20 @@ class MaskKeeper:
             ValueError: the targets cannot be pruned as configured, or the state was written under another
                 configuration or does not fit them. Nothing is changed then.
         """
-        targets = self.check(model)
+        patterns = self._patterns, self._groups  # check() sets the new targets' patterns
         pending = state is None and self._pending is not None
         if pending:
             state = self._pending
+        try:
+            targets = self.check(model)
+            if state is not None:
+                self._check_config(state.get("config", {}), targets)
+        except Exception:
+            self._patterns, self._groups = patterns
+            raise
         carried = bool(self._masks) and {f: tuple(m.shape) for f, m in self._masks.items()} == {
             f: tuple(local(p).shape) for f, p in targets.items()
         }
-        if state is not None:
-            self._check_config(state.get("config", {}), targets)
         before = (self._model, self._targets, self._masks, self._group, self._boxes)
         self._model, self._targets = model, targets
         self._group = sharded_group(list(targets.values()))
@@ -186,6 +192,7 @@ class MaskKeeper:
             self._adopt(model, state, carried)
         except Exception:
             self._model, self._targets, self._masks, self._group, self._boxes = before
+            self._patterns, self._groups = patterns
             raise
         if pending:
             self._pending = None
@@ -241,6 +248,52 @@ class MaskKeeper:
         """The pattern whose units masks are made of, if any (per-unit multipliers need one)."""
         return None
 
+    def _pattern_for(self, fqn: str) -> Pattern | None:
+        """The pattern whose units the mask of target ``fqn`` is made of (its member pattern, if coupled)."""
+        return self._patterns.get(fqn) or self._unit_pattern()
+
+    def _select_targets(self, model: nn.Module, targets: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """The targets among the resolved ones: all, or for a coupled pattern the weights of its layers' units.
+
+        Sets the targets' member patterns and the layers (:class:`~lightning_prune.patterns.UnitGroup`).
+
+        Raises:
+            ValueError: a coupled pattern finds no layer among the targets, or only some weights of one.
+        """
+        pattern = self._unit_pattern()
+        if not isinstance(pattern, Coupled):
+            self._patterns, self._groups = {}, []
+            return targets
+        noun = pattern.noun
+        found = pattern.groups(model)
+        if not found:
+            raise ValueError(
+                f"pattern '{pattern}' found no {noun} in {type(model).__name__}: its layers are recognised by the "
+                "module names of common Hugging Face models (q_proj/k_proj/v_proj/o_proj, attention.self.query, "
+                f"gate_proj/up_proj/down_proj, intermediate.dense ...); pass the layout: "
+                f"{type(pattern).__name__}(layers={{...}})"
+            )
+        groups = []
+        for g in found:
+            inside = [f for f in g.fqns if f in targets]
+            if inside and len(inside) < len(g.fqns):
+                missing = [f for f in g.fqns if f not in targets]
+                raise ValueError(
+                    f"pattern '{pattern}' prunes each {noun} of '{g.name}' in {g.fqns} together, but op_types/include/"
+                    f"exclude leave out {missing}: include all of them or none"
+                )
+            if inside:
+                groups.append(g)
+        if not groups:
+            raise ValueError(
+                f"pattern '{pattern}' found {noun} layers ({', '.join(g.name for g in found[:4])}"
+                f"{' ...' if len(found) > 4 else ''}), but none among the targets that op_types={self.op_types}, "
+                f"include={self.include!r} and exclude={self.exclude!r} select"
+            )
+        self._patterns = {m.fqn: m.pattern for g in groups for m in g.members}
+        self._groups = groups
+        return {fqn: param for fqn, param in targets.items() if fqn in self._patterns}
+
     def _check_config(self, saved: Mapping[str, Any], targets: Mapping[str, nn.Parameter]) -> None:
         """Raise if a loaded state was written under another configuration (a different run)."""
         current = {**self.config(), "targets": list(targets)}
@@ -290,12 +343,11 @@ class MaskKeeper:
     def _refresh_multipliers(self) -> None:
         if not self._multipliers and all(all_kept(m) for m in self._masks.values()):
             return
-        pattern = self._unit_pattern()
         old: list[Tensor | None] = [*self._multipliers] or [None] * len(self._masks)
         self._multipliers, self._unit_views = [], []
-        for previous, param, mask in zip(old, self._targets.values(), self._masks.values()):
+        for previous, (fqn, param), mask in zip(old, self._targets.items(), self._masks.values()):
             shard = local(param.detach())
-            view, multiplier = unit_multiplier(pattern, shard, mask)
+            view, multiplier = unit_multiplier(self._pattern_for(fqn), shard, mask)
             if multiplier is None:  # per weight; reuse the previous buffer when it is one
                 if previous is not None and previous.shape == shard.shape and previous.dtype == shard.dtype:
                     multiplier = previous

@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_prune.engine.zeroing import all_kept
-from lightning_prune.patterns import Pattern
+from lightning_prune.patterns import Coupled, Pattern, UnitGroup
 from lightning_prune.selection import UnitShard, select
 from lightning_prune.sharding import Box
 
-__all__ = ["check_reachable", "plan", "pruned_first"]
+__all__ = ["check_coupled", "check_reachable", "plan", "plan_coupled", "pruned_first"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -30,7 +30,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 def pruned_first(
     scores: list[Tensor],
     masks: Sequence[Tensor],
-    pattern: Pattern,
+    pattern: Pattern | Sequence[Pattern],
     per_unit: bool,
     multipliers: Sequence[Tensor] = (),
     unit_views: Sequence[tuple[int, ...] | None] = (),
@@ -40,7 +40,7 @@ def pruned_first(
     Args:
         scores: one float32 tensor per target, per weight (or per unit with ``per_unit``).
         masks: the targets' bool masks (True = kept).
-        pattern: whose units ``per_unit`` scores are for.
+        pattern: whose units ``per_unit`` scores are for (or one pattern per target).
         per_unit: the scores are per unit: a unit with any pruned weight gets ``-inf``.
         multipliers: the engine's 0/1 multipliers of the masks, if any (faster than the bool masks).
         unit_views: the view each multiplier broadcasts over, or None for a per-weight multiplier.
@@ -56,7 +56,8 @@ def pruned_first(
         if per_unit:
             if all_kept(mask):
                 continue
-            kept, view = pattern.unit_scores(mask.float()).floor_(), None  # 1: unit wholly kept, else 0
+            own = pattern if isinstance(pattern, Pattern) else pattern[i]
+            kept, view = own.unit_scores(mask.float()).floor_(), None  # 1: unit wholly kept, else 0
         elif multipliers:
             kept, view = multipliers[i], unit_views[i]
             if view is not None and not score.is_contiguous():
@@ -196,3 +197,133 @@ layers it cannot bring to the target: ['w']; exclude them or choose another patt
     if reachable == 0 or needed - reachable > 0.01 * total:
         raise ValueError(message + "; exclude them or choose another pattern")
     warnings.warn(message + "; pruning goes as far as the pattern allows", stacklevel=4)
+
+
+def plan_coupled(
+    scores: list[Tensor],
+    shapes: Sequence[tuple[int, ...]],
+    fqns: Sequence[str],
+    groups: Sequence[UnitGroup],
+    per_unit: bool,
+    sparsity: float,
+    scope: str = "global",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    boxes: Sequence[Box] | None = None,
+    group: Any = None,
+) -> list[Tensor]:
+    """:func:`plan` for a :class:`~lightning_prune.patterns.Coupled` pattern: units spanning several weights.
+
+    Each weight's unit scores (rows or columns of a head or neuron) are combined into the layer's unit
+    scores: the mean over all the unit's elements, a shared key/value head counting for each of its query
+    heads in proportion. Layers (``groups``) are ranked as single targets are by :func:`plan`; every layer keeps
+    at least one unit. A weight's unit is pruned once all the layer units it serves are.
+
+    Sharded (``boxes`` with ``group``), each rank's unit scores are summed into whole ones over all ranks (a
+    few per layer), so that every rank takes the same decisions from the same numbers and keeps its slice.
+
+    Args:
+        scores: from :func:`pruned_first`, per weight or per member unit, in the order of ``fqns``.
+        shapes: the targets' (local) shapes.
+        fqns: the targets' names, each a member of one of ``groups``.
+        groups: the layers.
+        per_unit, sparsity, scope, min_sparsity, max_sparsity, boxes, group: as for :func:`plan`.
+
+    Example:
+        >>> from lightning_prune.patterns import Channel, Member
+        >>> layer = UnitGroup("mlp", 2, (Member("up", Channel("output")), Member("down", Channel("input"))))
+        >>> up, down = torch.tensor([[1.0, 1.0], [5.0, 5.0]]), torch.tensor([[1.0, 5.0], [1.0, 5.0]])
+        >>> [m.int().tolist() for m in plan_coupled([up, down], [(2, 2), (2, 2)], ["up", "down"], [layer],
+        ...                                         False, 0.5)]
+        [[[1, 1], [0, 0]], [[1, 0], [1, 0]]]
+    """
+    index = {fqn: i for i, fqn in enumerate(fqns)}
+    patterns = {m.fqn: m.pattern for g in groups for m in g.members}
+    units = [s if per_unit else patterns[f].unit_scores(s) for s, f in zip(scores, fqns)]
+    units = [u.float().reshape(-1) for u in units]
+    whole_shapes = [tuple(shape) if boxes is None or group is None else boxes[i].shape for i, shape in enumerate(shapes)]
+    slices: list[slice] = [slice(0, u.numel()) for u in units]
+    if boxes is not None and group is not None:
+        units, slices = _whole_units(units, [patterns[f] for f in fqns], boxes, group)
+    layer_scores, layer_sizes, layer_numels, layer_max = [], [], [], []
+    for g in groups:
+        total = torch.zeros(g.units, dtype=torch.float32, device=units[index[g.fqns[0]]].device)
+        weight = 0.0
+        for m in g.members:
+            i = index[m.fqn]
+            size = m.pattern.unit_sizes(whole_shapes[i]) / m.repeat  # a shared unit counts once in all
+            total += units[i].repeat_interleave(m.repeat) * size
+            weight += size
+        layer_scores.append(total / weight)
+        layer_sizes.append(max(round(weight), 1))
+        layer_numels.append(sum(math.prod(whole_shapes[index[f]]) for f in g.fqns))
+        layer_max.append(min(max_sparsity, (g.units - 1) * layer_sizes[-1] / layer_numels[-1]))  # one unit stays
+    picks = select(layer_scores, layer_sizes, layer_numels, sparsity, scope, min_sparsity, layer_max)
+    out: list[Tensor] = [torch.empty(0)] * len(fqns)
+    for g, pick, layer in zip(groups, picks, layer_scores):
+        pruned = pick | (layer == -math.inf)
+        for m in g.members:
+            i = index[m.fqn]
+            kept = (~pruned).reshape(-1, m.repeat).any(dim=1)
+            own = (~kept | (units[i] == -math.inf))[slices[i]]
+            like = scores[i] if not per_unit else torch.empty(shapes[i], device="meta")
+            out[i] = m.pattern.expand(own.to(scores[i].device), like)
+    return out
+
+
+def _whole_units(
+    units: list[Tensor], patterns: Sequence[Pattern], boxes: Sequence[Box], group: Any
+) -> tuple[list[Tensor], list[slice]]:
+    """Every target's unit scores over the whole weight, summed from all ranks' shards in one all-reduce."""
+    wholes, slices, partial_sizes = [], [], []
+    for u, pattern, box in zip(units, patterns, boxes):
+        found = box.units(pattern)
+        assert found is not None, "shards that cut units are refused at bind"
+        grid, offset, partial = found
+        whole = torch.zeros(math.prod(grid), dtype=torch.float32, device=u.device)
+        at = slice(offset[0], offset[0] + u.numel())
+        if box.owner and u.numel():
+            size = pattern.unit_sizes(box.local_shape) if partial else 1
+            whole[at] = u * size
+        wholes.append(whole)
+        slices.append(at)
+        partial_sizes.append(pattern.unit_sizes(box.shape) if partial else 1)
+    flat = torch.cat(wholes)
+    dist.all_reduce(flat, group=group)
+    out = [part / size for part, size in zip(flat.split([w.numel() for w in wholes]), partial_sizes)]
+    return out, slices
+
+
+def check_coupled(pattern: Coupled, groups: Sequence[UnitGroup], target: float, scope: str) -> None:
+    """Raise if ``target`` would prune every unit of a layer (one head or neuron must stay in each).
+
+    Example:
+        >>> from lightning_prune.patterns import Channel, Head, Member
+        >>> check_coupled(Head(), [UnitGroup("attn", 2, (Member("q", Channel("output", 4)),))], 0.9, "local")
+        Traceback (most recent call last):
+        ...
+        ValueError: target_sparsity 0.9 would prune every head of 'attn' (2 heads; local scope): one must stay \
+in each layer; use target_sparsity < 0.75, or exclude the layer
+    """
+    for g in groups:
+        if g.units < 2:
+            raise ValueError(
+                f"'{g.name}' has a single {pattern.noun}, which must stay: pattern '{pattern}' can prune nothing "
+                "there; exclude the layer"
+            )
+    if scope == "local":
+        for g in groups:
+            if round(target * g.units + 1e-9) >= g.units:  # the nearest whole count of units
+                raise ValueError(
+                    f"target_sparsity {target} would prune every {pattern.noun} of '{g.name}' ({g.units} "
+                    f"{pattern.noun}s; local scope): one must stay in each layer; use target_sparsity < "
+                    f"{(g.units - 0.5) / g.units:g}, or exclude the layer"
+                )
+        return
+    units = sum(g.units for g in groups)
+    most = sum(g.units - 1 for g in groups) / units
+    if target > most + 1e-9:
+        raise ValueError(
+            f"target_sparsity {target} is above what pattern '{pattern}' can prune while one {pattern.noun} stays in "
+            f"each layer ({most:.4f} of {units} {pattern.noun}s); lower it"
+        )

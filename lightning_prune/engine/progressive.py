@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_prune.engine.pruner import Event, Pruner
+from lightning_prune.patterns import Coupled
 from lightning_prune.schedules import Schedule
 from lightning_prune.selection import UnitShard, prune_lowest
 from lightning_prune.sharding import all_reduce_ints
@@ -81,6 +82,11 @@ class ProgressivePruner(Pruner):
             raise ValueError(
                 f"pattern '{self.pattern}' has nothing to ease in: its units are single weights already; use "
                 "Pruning, or a structured pattern ('4x1', '1xchannel', '2:4', ...)"
+            )
+        if isinstance(self.pattern, Coupled):
+            raise ValueError(
+                f"progressive pruning eases in single weights of each unit; pattern '{self.pattern}' prunes units "
+                "spanning several weights (whole heads or neurons), which it cannot ease in; use Pruning"
             )
         if self.schedule is not None:
             self._check_schedule(self.schedule)

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.engine.coupling import Coupling
 from lightning_prune.engine.masks import MaskKeeper
-from lightning_prune.engine.planning import check_reachable, plan, pruned_first
+from lightning_prune.engine.planning import check_coupled, check_reachable, plan, plan_coupled, pruned_first
 from lightning_prune.engine.scores import Target, TargetStates, process_group
-from lightning_prune.patterns import Pattern, parse_pattern
+from lightning_prune.patterns import Coupled, Pattern, parse_pattern
 from lightning_prune.regularization import Regularization
 from lightning_prune.schedules import Schedule, default_schedule
 from lightning_prune.selection import SCOPES
@@ -154,6 +154,11 @@ class Pruner(MaskKeeper):
             raise TypeError(
                 f"regularization must be a GroupLasso or None, got {type(regularization).__name__} {regularization!r}"
             )
+        if regularization is not None and isinstance(self.pattern, Coupled):
+            raise ValueError(
+                f"regularization (group lasso) does not apply to pattern '{self.pattern}', whose units span several "
+                "weights; use regularization=None, or a single-weight pattern ('1xchannel', '4x1', ...)"
+            )
         if regularization is not None:
             regularization.attach(self, self.pattern)
         self.regularization = regularization
@@ -269,7 +274,9 @@ class Pruner(MaskKeeper):
         """Raise if ``schedule`` cannot drive this pruner (subclasses add their own rules)."""
 
     def _check_target(self, fqn: str, param: nn.Parameter) -> None:
-        self.pattern.check(fqn, param.shape)
+        pattern = self._pattern_for(fqn)
+        assert pattern is not None
+        pattern.check(fqn, param.shape)
         if self.criterion.needs_grad and not param.requires_grad:
             raise ValueError(
                 f"'{fqn}' is frozen (requires_grad=False), but criterion '{self.criterion}' scores weights by their "
@@ -278,6 +285,9 @@ class Pruner(MaskKeeper):
 
     def _check_targets(self, targets: Mapping[str, nn.Parameter]) -> None:
         """Raise if the pattern cannot prune ``target_sparsity`` of the targets (e.g. layers narrower than M)."""
+        if isinstance(self.pattern, Coupled):
+            check_coupled(self.pattern, self._groups, self.target_sparsity, self.scope)
+            return
         shapes = {fqn: tuple(p.shape) for fqn, p in targets.items()}
         check_reachable(self.pattern, shapes, self.target_sparsity, self.scope, self.max_sparsity_per_layer)
 
@@ -296,12 +306,12 @@ class Pruner(MaskKeeper):
     def _cut(self, fqn: str) -> bool:
         """Whether the shard of ``fqn`` cuts units whose scores are summed over ranks (sharded channels)."""
         box = self._boxes[fqn]
-        found = box.units(self.pattern)
+        found = box.units(self._pattern_for(fqn))
         return found is not None and found[2]
 
     def _adopt(self, model: nn.Module, state: Mapping[str, Any] | None, carried: bool) -> None:
         """Masks, running states and the schedule position: restored, carried over, or fresh."""
-        states = TargetStates(self.criterion, self.pattern, self._per_unit())
+        states = TargetStates(self.criterion, self._patterns or self.pattern, self._per_unit())
         modules = {fqn: model.get_submodule(fqn.rpartition(".")[0]) for fqn in self._targets}
         views = [Target(fqn, modules[fqn], self._collecting) for fqn in self._targets]
         weights = self._local_weights()
@@ -450,12 +460,27 @@ class Pruner(MaskKeeper):
             for view, weight in zip(self._views, self._targets.values())
         ]
         masks = list(self._masks.values())
-        return pruned_first(scores, masks, self.pattern, self._states.per_unit, self._multipliers, self._unit_views)
+        patterns = [self._patterns[f] for f in self._targets] if self._patterns else self.pattern
+        return pruned_first(scores, masks, patterns, self._states.per_unit, self._multipliers, self._unit_views)
 
     def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
         """Element masks (True = pruned) of the units that reach ``sparsity``, from :meth:`_current_scores`."""
         assert self._states is not None
         scale = sparsity / self.target_sparsity if self.target_sparsity > 0 else 0.0
+        if self._groups:
+            return plan_coupled(
+                scores,
+                [tuple(w.shape) for w in self._local_weights()],
+                list(self._targets),
+                self._groups,
+                self._states.per_unit,
+                sparsity,
+                self.scope,
+                min_sparsity=self.min_sparsity_per_layer * scale,
+                max_sparsity=self.max_sparsity_per_layer,
+                boxes=list(self._boxes.values()) if self._group is not None else None,
+                group=self._group,
+            )
         return plan(
             scores,
             [tuple(w.shape) for w in self._local_weights()],
@@ -493,7 +518,7 @@ class Pruner(MaskKeeper):
             return value.cpu()
         box = self._boxes[fqn]
         if self._states is not None and self._states.per_unit:
-            found = box.units(self.pattern)
+            found = box.units(self._pattern_for(fqn))
             assert found is not None
             return placed(value.cpu(), weight, found[0])
         return placed(value.cpu(), weight)

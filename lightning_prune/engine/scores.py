@@ -60,7 +60,8 @@ class TargetStates:
 
     Args:
         criterion: whose ``states`` are kept.
-        pattern: the pruning pattern (for per-unit states and whole-unit row slices).
+        pattern: the pruning pattern (for per-unit states and whole-unit row slices), or each target's own
+            pattern by name (the member patterns of a :class:`~lightning_prune.patterns.Coupled` pattern).
         per_unit: keep ``"weight"``-shaped states per unit of ``pattern``.
 
     Example:
@@ -75,15 +76,23 @@ class TargetStates:
                 [0.9000, 0.9000, 0.9000]])
     """
 
-    def __init__(self, criterion: Criterion, pattern: Pattern, per_unit: bool) -> None:
+    def __init__(self, criterion: Criterion, pattern: Pattern | Mapping[str, Pattern], per_unit: bool) -> None:
         self.criterion = criterion
         self.pattern = pattern
         self.per_unit = per_unit
 
-    def shape(self, spec: StateSpec, weight_shape: Sequence[int]) -> tuple[int, ...]:
-        """The shape a state is kept in for a weight of ``weight_shape``."""
+    def pattern_of(self, fqn: str | None) -> Pattern:
+        """The pattern of target ``fqn``."""
+        if isinstance(self.pattern, Pattern):
+            return self.pattern
+        assert fqn is not None, "per-target patterns need the target's name"
+        return self.pattern[fqn]
+
+    def shape(self, spec: StateSpec, weight_shape: Sequence[int], fqn: str | None = None) -> tuple[int, ...]:
+        """The shape a state is kept in for a weight of ``weight_shape`` (target ``fqn``)."""
         if self.per_unit and spec.shape == "weight":
-            return tuple(self.pattern.unit_scores(torch.empty(tuple(weight_shape), device="meta")).shape)
+            unit_scores = self.pattern_of(fqn).unit_scores
+            return tuple(unit_scores(torch.empty(tuple(weight_shape), device="meta")).shape)
         return spec.full_shape(weight_shape)
 
     def allocate(self, targets: Sequence[Target], weights: Sequence[Tensor]) -> None:
@@ -92,7 +101,7 @@ class TargetStates:
             if target.state:
                 continue
             for name, spec in self.criterion.states.items():
-                shape = self.shape(spec, weight.shape)
+                shape = self.shape(spec, weight.shape, target.fqn)
                 target.state[name] = torch.zeros(shape, dtype=spec.dtype, device=weight.device)
 
     @staticmethod
@@ -108,10 +117,11 @@ class TargetStates:
         Slices cap an elementwise criterion's scratch memory whatever the model; each slice holds whole units
         (a multiple of ``pattern.unit_rows`` rows), so that per-unit states stay exact.
         """
-        reduce = self.pattern.unit_scores if self.per_unit else None
-        rows_per_unit = self.pattern.unit_rows if self.per_unit else 1
         update = self.criterion.update
         for target, weight, grad in zip(targets, weights, grads):
+            pattern = self.pattern_of(target.fqn)
+            reduce = pattern.unit_scores if self.per_unit else None
+            rows_per_unit = pattern.unit_rows if self.per_unit else 1
             rows = weight.shape[0] if weight.dim() else 0
             step = rows
             if self.criterion.elementwise and rows_per_unit is not None and rows > 1:
@@ -168,20 +178,21 @@ class TargetStates:
         for name, spec in specs.items():
             if name not in saved:
                 raise ValueError(f"checkpoint state of '{fqn}' lacks {name!r} of criterion {self.criterion!r}")
-            value = self._shard(saved[name], spec, box).to(weight.device, spec.dtype)
-            expected = self.shape(spec, weight.shape)
+            value = self._shard(saved[name], spec, box, fqn).to(weight.device, spec.dtype)
+            expected = self.shape(spec, weight.shape, fqn)
             if tuple(value.shape) != expected:
                 if self.per_unit and spec.shape == "weight" and tuple(value.shape) == tuple(weight.shape):
-                    value = self.pattern.unit_scores(value)
+                    value = self.pattern_of(fqn).unit_scores(value)
                 else:
                     raise ValueError(
-                        f"checkpoint scores for '{fqn}' have shape {tuple(value.shape)}; pattern '{self.pattern}' "
+                        f"checkpoint scores for '{fqn}' have shape {tuple(value.shape)}; pattern "
+                        f"'{self.pattern_of(fqn)}' "
                         f"on weight {tuple(weight.shape)} keeps them as {expected}"
                     )
             out[name] = value
         return out
 
-    def _shard(self, value: Tensor, spec: StateSpec, box: Box | None) -> Tensor:
+    def _shard(self, value: Tensor, spec: StateSpec, box: Box | None, fqn: str) -> Tensor:
         """The part of a saved state for this rank (see :meth:`restore`)."""
         if is_dtensor(value):
             return local(value)
@@ -189,9 +200,9 @@ class TargetStates:
             return value
         if tuple(value.shape) == box.shape:  # a whole per-weight state
             return box.crop(value)
-        found = box.units(self.pattern)
+        found = box.units(self.pattern_of(fqn))
         if self.per_unit and found is not None and tuple(value.shape) == tuple(found[0]):  # whole, per unit
-            local_units = self.shape(spec, box.local_shape)
+            local_units = self.shape(spec, box.local_shape, fqn)
             return crop(value, found[1], local_units)
         return value
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.export.permanent import make_permanent
+from lightning_prune.export.transformer import describe_heads, slim_transformer
 from lightning_prune.hf import kv_cache_off
 
 __all__ = ["slim"]
@@ -131,11 +132,11 @@ _ATTENTION_OUT = re.compile(
 _ATTENTION_IN = re.compile(r"(.*\.)?(self_attn\.o_proj|attention\.output\.dense|attn\.c_proj)")
 
 
-def _refuse_attention_channels(masks: Mapping[str, Tensor]) -> None:
+def _refuse_attention_channels(masks: Mapping[str, Tensor], handled: set[str]) -> None:
     """Raise, before anything is traced, for whole channels pruned in attention projections."""
     for name, mask in masks.items():
         module_name, _, leaf = name.rpartition(".")
-        if leaf != "weight" or mask.dim() < 2:
+        if leaf != "weight" or mask.dim() < 2 or name in handled:
             continue
         matrix = mask.reshape(mask.shape[0], -1)
         rows, cols = bool((~matrix.any(1)).any()), bool((~matrix.any(0)).any())
@@ -151,14 +152,78 @@ def _refuse_attention_channels(masks: Mapping[str, Tensor]) -> None:
 def _slim(
     masked: nn.Module, slimmed: nn.Module, masks: Mapping[str, Tensor], example_inputs: Any, check: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
-    _refuse_attention_channels(masks)
-    tp = _torch_pruning()
-    modules = dict(slimmed.named_modules())
     before = _count(slimmed, example_inputs)
-    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
-        graph = tp.DependencyGraph().build_dependency(slimmed, example_inputs, verbose=False)
+    transformer = slim_transformer(slimmed, masks)  # whole heads and FFN neurons first
+    _refuse_attention_channels(masks, transformer.handled)
+    rest = {name: mask for name, mask in masks.items() if name not in transformer.handled}
     removed: dict[str, int] = {}
     channels: list[str] = []
+    for layer, count in (*transformer.heads.items(), *transformer.neurons.items()):
+        removed[layer] = count
+        channels.append(f"{layer} {count} {'heads' if layer in transformer.heads else 'neurons'}")
+    any_channel = bool(removed) or _any_whole(masks, transformer.handled)
+    if rest:
+        any_channel |= _slim_channels(slimmed, rest, example_inputs, removed, channels)
+    if not any_channel:
+        raise ValueError(
+            "slim removes whole channels, but no mask has a whole pruned channel; slimming needs channel "
+            "patterns ('1xchannel': output channels, 'channelx1': input channels, 'head', 'ffn'). For "
+            "unstructured, block or N:M masks use make_permanent, save_sparse or to_semi_structured (2:4)"
+        )
+    _warn_transformer(transformer)
+    _warn_left(masks, slimmed, channels)
+    describe_ffn_width(slimmed)
+    describe_heads(slimmed)
+    after = _count(slimmed, example_inputs)
+    if check:
+        with torch.no_grad():
+            _check_equal(masked, slimmed, example_inputs)
+    report = {
+        "params_before": before[0],
+        "params_after": after[0],
+        "macs_before": before[1],
+        "macs_after": after[1],
+        "removed": removed,
+        "heads": dict(transformer.heads),
+        "neurons": dict(transformer.neurons),
+    }
+    return slimmed, report
+
+
+def _any_whole(masks: Mapping[str, Tensor], names: set[str]) -> bool:
+    """Whether any of the masks ``names`` prunes a whole row or column."""
+    for name in names & set(masks):
+        matrix = masks[name].reshape(masks[name].shape[0], -1)
+        if bool((~matrix.any(1)).any()) or bool((~matrix.any(0)).any()):
+            return True
+    return False
+
+
+def _warn_transformer(done: Any) -> None:
+    """Say what the head and neuron slimming kept although zero."""
+    if done.padded:
+        warnings.warn(
+            f"grouped-query attention needs the same number of query heads per key/value head, so slim kept "
+            f"{sum(done.padded.values())} pruned (zero) heads as padding ({dict(done.padded)}); they output zero. "
+            "Prune heads in multiples of the group size per key/value head to remove them all",
+            stacklevel=3,
+        )
+    if done.left:
+        warnings.warn(
+            f"FFN neurons with a zero input row stay where the activation does not map 0 to 0 (or is unknown): "
+            f"{dict(done.left)}; prune them with pattern 'ffn' (which zeroes the down projection's columns too)",
+            stacklevel=3,
+        )
+
+
+def _slim_channels(
+    slimmed: nn.Module, masks: Mapping[str, Tensor], example_inputs: Any, removed: dict[str, int], channels: list[str]
+) -> bool:
+    """Single channels with Torch-Pruning's dependency graph; whether any mask had a whole channel."""
+    tp = _torch_pruning()
+    modules = dict(slimmed.named_modules())
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(slimmed, example_inputs, verbose=False)
     any_channel = False
     for name, mask in masks.items():
         module_name, _, leaf = name.rpartition(".")
@@ -190,26 +255,7 @@ def _slim(
                 group.prune()
             removed[module_name] = removed.get(module_name, 0) + len(ok)
             channels.append(f"{module_name} {'out' if out else 'in'} {ok[:8]}{' ...' if len(ok) > 8 else ''}")
-    if not any_channel:
-        raise ValueError(
-            "slim removes whole channels, but no mask has a whole pruned channel; slimming needs channel "
-            "patterns ('1xchannel': output channels, 'channelx1': input channels). For unstructured, block or "
-            "N:M masks use make_permanent, save_sparse or to_semi_structured (2:4)"
-        )
-    _warn_left(masks, slimmed, channels)
-    describe_ffn_width(slimmed)
-    after = _count(slimmed, example_inputs)
-    if check:
-        with torch.no_grad():
-            _check_equal(masked, slimmed, example_inputs)
-    report = {
-        "params_before": before[0],
-        "params_after": after[0],
-        "macs_before": before[1],
-        "macs_after": after[1],
-        "removed": removed,
-    }
-    return slimmed, report
+    return any_channel
 
 
 # The first Linear of a transformer FFN in the common Hugging Face models: its outputs are the FFN's neurons.
