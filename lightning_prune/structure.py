@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AttentionLayout", "FFNLayout", "find_attention", "find_ffn"]
+__all__ = ["AttentionLayout", "FFNLayout", "find_attention", "find_ffn", "linear_at"]
 
 # (query, key, value, output) child names of one attention module
 _ATTENTION_NAMES = (
@@ -98,6 +98,19 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def linear_at(model: nn.Module, name: str) -> nn.Linear:
+    """The ``nn.Linear`` named ``name`` in ``model``; ``ValueError`` if there is none.
+
+    Example:
+        >>> linear_at(nn.Sequential(nn.Linear(2, 3)), "0").out_features
+        3
+    """
+    found = _linear(model, name)
+    if found is None:
+        raise ValueError(f"{name!r} is not an nn.Linear of the model")
+    return found
+
+
 def _linear(model: nn.Module, name: str) -> nn.Linear | None:
     try:
         module = model.get_submodule(name)
@@ -153,9 +166,9 @@ def _from_mapping(model: nn.Module, name: str, spec: Mapping[str, Any]) -> Atten
         )
     q = _linear(model, spec["q"])
     heads = spec["num_heads"]
-    head_dim = spec.get("head_dim")
-    if head_dim is None and q is not None and isinstance(heads, int) and heads > 0:
-        head_dim = q.out_features // heads
+    head_dim: Any = spec.get("head_dim")
+    if head_dim is None and isinstance(heads, int) and heads > 0:
+        head_dim = q.out_features // heads if q is not None else 1
     layout = AttentionLayout(
         name, spec["q"], spec["k"], spec["v"], spec["o"], heads, spec.get("num_kv_heads", heads), head_dim
     )
@@ -204,8 +217,7 @@ def find_attention(model: nn.Module, layers: Mapping[str, Mapping[str, Any]] | N
         if roles is None:
             continue
         config = getattr(holder, "config", None) or getattr(model, "config", None)
-        q = model.get_submodule(roles[0])
-        k = model.get_submodule(roles[1])
+        q, k = linear_at(model, roles[0]), linear_at(model, roles[1])
         # The shapes decide where the head size is known: a slimmed layer keeps its head size, not its count.
         head_dim = _first_int([holder, config], _HEAD_DIM)
         heads = q.out_features // head_dim if head_dim else _first_int([holder, config], _HEADS)
@@ -217,7 +229,8 @@ def find_attention(model: nn.Module, layers: Mapping[str, Mapping[str, Any]] | N
             )
         head_dim = head_dim or q.out_features // heads
         kv = k.out_features // head_dim
-        found.append(_checked(model, AttentionLayout(name, *roles, heads, kv, head_dim)))
+        q_name, k_name, v_name, o_name = roles
+        found.append(_checked(model, AttentionLayout(name, q_name, k_name, v_name, o_name, heads, kv, head_dim)))
     return found
 
 
@@ -241,7 +254,9 @@ def find_ffn(model: nn.Module, layers: Mapping[str, Mapping[str, Any]] | None = 
     if layers is not None:
         for name, spec in layers.items():
             if set(spec) != {"inputs", "output"}:
-                raise ValueError(f"FFN '{name}': the mapping {dict(spec)!r} needs exactly the keys 'inputs' and 'output'")
+                raise ValueError(
+                    f"FFN '{name}': the mapping {dict(spec)!r} needs exactly the keys 'inputs' and 'output'"
+                )
             inputs = (spec["inputs"],) if isinstance(spec["inputs"], str) else tuple(spec["inputs"])
             candidates.append((name, inputs, spec["output"]))
     else:
@@ -253,7 +268,12 @@ def find_ffn(model: nn.Module, layers: Mapping[str, Mapping[str, Any]] | None = 
                     break
             else:  # BERT: layer.intermediate.dense -> layer.output.dense
                 first, second = _join(name, "intermediate.dense"), _join(name, "output.dense")
-                if "intermediate" in children and "output" in children and _linear(model, first) and _linear(model, second):
+                if (
+                    "intermediate" in children
+                    and "output" in children
+                    and _linear(model, first)
+                    and _linear(model, second)
+                ):
                     candidates.append((name, (first,), second))
     found = []
     for name, inputs, output in candidates:

@@ -138,3 +138,19 @@ def make_trainer(callbacks: list[pl.Callback], max_steps: int = 24, **kwargs: An
 def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def fake_rank() -> Any:
+    """Be one rank of a 2-rank world without the other (torch's fake process group: no real communication)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def join(rank: int) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+
+    yield join
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -85,21 +85,6 @@ def test_fsdp2_equals_ddp_bit_for_bit_with_half_the_mask_bytes_and_a_consolidate
     assert [len(group["params"]) for group in checkpoint["optimizer_states"][0]["param_groups"]] == [8]
 
 
-@pytest.fixture
-def fake_rank() -> Any:
-    """Be one rank of a 2-rank world without the other (torch's fake process group: no real communication)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    def join(rank: int) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
-
-    yield join
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def test_shards_that_cut_units_are_refused_alike_on_each_rank_with_the_model_untouched(fake_rank):
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
@@ -234,7 +219,16 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         ("--callback", "lock"),
         ("--pattern", "ffn", "--criterion", "snip_momentum"),  # neurons: rows of one Linear, columns of the next
     ],
-    ids=["2:4-magnitude-local", "unstructured-snip", "channelx1", "1xchannel-bn", "progressive", "lasso", "lock", "ffn"],
+    ids=[
+        "2:4-magnitude-local",
+        "unstructured-snip",
+        "channelx1",
+        "1xchannel-bn",
+        "progressive",
+        "lasso",
+        "lock",
+        "ffn",
+    ],
 )
 def test_fsdp2_equals_ddp_bit_for_bit_for_every_callback_and_pattern(runs, args):
     _, fsdp = runs("--mode", "fsdp", *args)

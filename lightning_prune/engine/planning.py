@@ -227,7 +227,13 @@ def plan_coupled(
         shapes: the targets' (local) shapes.
         fqns: the targets' names, each a member of one of ``groups``.
         groups: the layers.
-        per_unit, sparsity, scope, min_sparsity, max_sparsity, boxes, group: as for :func:`plan`.
+        per_unit: ``scores`` are per unit of each target's member pattern already.
+        sparsity: the fraction of zeros to reach over all layers (``"global"``) or in each (``"local"``).
+        scope: ``"global"`` or ``"local"``.
+        min_sparsity: global scope: the least sparsity of any layer.
+        max_sparsity: global scope: the most sparsity of any layer (and never all its units).
+        boxes: sharded (with ``group``): where each of ``scores`` sits in its target.
+        group: the process group the shards are spread over.
 
     Example:
         >>> from lightning_prune.patterns import Channel, Member
@@ -241,7 +247,9 @@ def plan_coupled(
     patterns = {m.fqn: m.pattern for g in groups for m in g.members}
     units = [s if per_unit else patterns[f].unit_scores(s) for s, f in zip(scores, fqns)]
     units = [u.float().reshape(-1) for u in units]
-    whole_shapes = [tuple(shape) if boxes is None or group is None else boxes[i].shape for i, shape in enumerate(shapes)]
+    whole_shapes = [
+        tuple(shape) if boxes is None or group is None else boxes[i].shape for i, shape in enumerate(shapes)
+    ]
     slices: list[slice] = [slice(0, u.numel()) for u in units]
     if boxes is not None and group is not None:
         units, slices = _whole_units(units, [patterns[f] for f in fqns], boxes, group)

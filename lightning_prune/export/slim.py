@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.export.permanent import make_permanent
-from lightning_prune.export.transformer import describe_heads, slim_transformer
+from lightning_prune.export.transformer import describe_heads, hf_config, slim_transformer
 from lightning_prune.hf import kv_cache_off
 
 __all__ = ["slim"]
@@ -171,7 +171,8 @@ def _slim(
             "unstructured, block or N:M masks use make_permanent, save_sparse or to_semi_structured (2:4)"
         )
     _warn_transformer(transformer)
-    _warn_left(masks, slimmed, channels)
+    explained = {f for f in transformer.handled if f.rpartition(".")[0].rpartition(".")[0] in transformer.padded}
+    _warn_left({n: m for n, m in masks.items() if n not in explained}, slimmed, channels)
     describe_ffn_width(slimmed)
     describe_heads(slimmed)
     after = _count(slimmed, example_inputs)
@@ -274,7 +275,7 @@ def describe_ffn_width(model: nn.Module) -> int | None:
         >>> describe_ffn_width(nn.Linear(2, 2)) is None  # no config, nothing to describe
         True
     """
-    config = getattr(model, "config", None)
+    config = hf_config(model)
     if config is None or not hasattr(config, "intermediate_size"):
         return None
     widths = {
@@ -306,7 +307,8 @@ def _warn_left(masks: Mapping[str, Tensor], slimmed: nn.Module, channels: list[s
             f"slim removed whole channels ({'; '.join(channels[:6])}{' ...' if len(channels) > 6 else ''}) holding "
             f"{1 - left / pruned:.1%} of the masks' pruned weights; the other {left / pruned:.1%} are zeros inside "
             "channels that stay (not whole channels, or tied to kept ones) and remain as zeros in the slimmed "
-            "model: prune with '1xchannel'/'channelx1' to remove them, or keep them with make_permanent/save_sparse",
+            "model: prune with '1xchannel'/'channelx1', 'head' or 'ffn' to remove them, or keep them with "
+            "make_permanent/save_sparse",
             stacklevel=3,
         )
 

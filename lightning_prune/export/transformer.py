@@ -13,13 +13,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.structure import AttentionLayout, FFNLayout, find_attention, find_ffn
+from lightning_prune.structure import AttentionLayout, FFNLayout, find_attention, find_ffn, linear_at
 
-__all__ = ["TransformerSlimming", "describe_heads", "slim_transformer"]
+__all__ = ["TransformerSlimming", "describe_heads", "hf_config", "slim_transformer"]
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_COUNTS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -104,7 +105,7 @@ def _check_whole_heads(layout: AttentionLayout, masks: Mapping[str, Tensor]) -> 
 
 
 def _slim_attention(model: nn.Module, layout: AttentionLayout, done: TransformerSlimming) -> None:
-    q, k, v, o = (model.get_submodule(getattr(layout, r)) for r in ("q", "k", "v", "o"))
+    q, k, v, o = (linear_at(model, getattr(layout, r)) for r in ("q", "k", "v", "o"))
     h, kv, d, g = layout.num_heads, layout.num_kv_heads, layout.head_dim, layout.group_size
     dead = _zero_columns(o).reshape(h, d).all(dim=1)  # the head's output is never read
     dead |= _zero_rows(v).reshape(kv, d).all(dim=1).repeat_interleave(g)  # or its values are all zero
@@ -116,7 +117,7 @@ def _slim_attention(model: nn.Module, layout: AttentionLayout, done: Transformer
     padded = 0
     for group in range(kv):  # equal query heads per key/value head: pad with zero heads
         short = width - int(per_group[group])
-        if 0 < int(per_group[group]) and short:
+        if int(per_group[group]) > 0 and short:
             fill = torch.nonzero(~kept[group]).flatten()[:short]
             kept[group, fill] = True
             padded += short
@@ -138,26 +139,26 @@ def _slim_attention(model: nn.Module, layout: AttentionLayout, done: Transformer
             if isinstance(getattr(holder, name, None), int):
                 setattr(holder, name, value)
     if isinstance(getattr(holder, "all_head_size", None), int):
-        holder.all_head_size = new_heads * d
+        setattr(holder, "all_head_size", new_heads * d)  # noqa: B010 - an attribute of the HF module
     done.heads[layout.name] = removed
     if padded:
         done.padded[layout.name] = padded
 
 
-def _activation(model: nn.Module, layout: FFNLayout) -> nn.Module | None:
+def _activation(model: nn.Module, layout: FFNLayout) -> Any:
     owners = [model.get_submodule(layout.name) if layout.name else model]
     owners.append(model.get_submodule(layout.inputs[0].rpartition(".")[0]))
     for owner in owners:
         for name in _ACTIVATIONS:
             act = getattr(owner, name, None)
             if callable(act):
-                return act  # type: ignore[return-value]
+                return act
     return None
 
 
 def _slim_ffn(model: nn.Module, layout: FFNLayout, done: TransformerSlimming) -> None:
-    inputs = [model.get_submodule(n) for n in layout.inputs]
-    down = model.get_submodule(layout.output)
+    inputs = [linear_at(model, n) for n in layout.inputs]
+    down = linear_at(model, layout.output)
     dead = _zero_columns(down)
     act = _activation(model, layout)
     maps_zero = act is not None and bool(act(torch.zeros(1, dtype=down.weight.dtype)).eq(0).all())
@@ -217,6 +218,22 @@ def slim_transformer(model: nn.Module, masks: Mapping[str, Tensor]) -> Transform
     return done
 
 
+def hf_config(model: nn.Module) -> Any:
+    """The Hugging Face config of ``model``, or of the first submodule that has one; None if there is none.
+
+    A model wrapped in a LightningModule or a classifier has its config on the wrapped module.
+
+    Example:
+        >>> hf_config(nn.Linear(2, 2)) is None
+        True
+    """
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            return config
+    return None
+
+
 def describe_heads(model: nn.Module) -> tuple[int, int] | None:
     """Make a Hugging Face config describe a model whose attention heads were removed, where it can.
 
@@ -229,12 +246,12 @@ def describe_heads(model: nn.Module) -> tuple[int, int] | None:
         >>> describe_heads(nn.Linear(2, 2)) is None  # no config, nothing to describe
         True
     """
-    config = getattr(model, "config", None)
+    config = hf_config(model)
     if config is None or not hasattr(config, "num_attention_heads"):
         return None
     counts = {}
     for layout in find_attention(model):
-        q, k = model.get_submodule(layout.q), model.get_submodule(layout.k)
+        q, k = linear_at(model, layout.q), linear_at(model, layout.k)
         counts[layout.name] = (q.out_features // layout.head_dim, k.out_features // layout.head_dim)
     original = (config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads))
     if not counts or set(counts.values()) == {original}:
