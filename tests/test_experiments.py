@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import inspect
 import itertools
 import json
@@ -328,6 +330,32 @@ def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
     )
     assert out["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert all(r["name"].startswith("net.bert.encoder.layer.") for r in out["layers"])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "names"),
+    [("head", r"attention\.(self\.(query|key|value)|output\.dense)"), ("ffn", r"(intermediate|output)\.dense")],
+)
+def test_nlp_smoke_prunes_whole_heads_or_neurons(tmp_path, pattern, names):
+    out = run(
+        configure(
+            tmp_path,
+            tiny(
+                tmp_path,
+                "experiment=nlp_minilm_bbc",
+                f"pattern={pattern}",
+                "pruner.target_sparsity=0.5",
+                "model.net.pretrained=false",
+                "+model.net.config={hidden_size:32,num_hidden_layers:2,num_attention_heads:4,intermediate_size:64}",
+                "data.subset=40",
+                "data.eval_subset=20",
+                "data.max_length=16",
+                "steps=4",
+            ),
+        )
+    )
+    assert out["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert out["layers"] and all(re.search(names + r"\.weight$", r["name"]) for r in out["layers"])
 
 
 def test_sweep_report_from_a_fabricated_multirun(tmp_path):

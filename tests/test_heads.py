@@ -348,3 +348,25 @@ def test_bert_heads_slim_to_equal_outputs_and_the_config_limit_is_said():
     assert small.encoder.layer[1].attention.self.query.out_features == 16
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
     assert small.config.num_attention_heads == 4, "left as it was: it cannot describe the slimmed shapes"
+
+
+def test_pattern_lock_keeps_pruned_heads_at_zero_and_refuses_zeros_that_are_not_whole_heads():
+    from lightning_prune.engine import MaskLock
+
+    model = llama(layers=1)
+    pruner = Pruner(model, 0.5, "head", "magnitude", OneShot(step=0), scope="local")
+    pruner.before_optimizer_step(0)
+    lock = MaskLock(model, pattern="head")
+    assert set(lock.targets) == set(pruner.targets), "the attention projections only"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    lock.before_optimizer_step(0, opt)
+    opt.step()
+    lock.after_optimizer_step()
+    assert all(torch.equal(model.get_parameter(f) != 0, pruner.masks[f]) for f in pruner.targets)
+    kept = next(h for h in range(4) if h not in dead_heads(pruner.masks["model.layers.0.self_attn.q_proj.weight"], 8))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[8 * kept + 1, :] = 0  # one row of a kept head
+    with pytest.raises(ValueError, match=r"the zeros of 'model.layers.0.self_attn.q_proj.weight' do not form whole"):
+        MaskLock(model, pattern="head")

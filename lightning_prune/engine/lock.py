@@ -64,8 +64,9 @@ class MaskLock(MaskKeeper):
         return {"kind": "pattern_lock", "pattern": str(self.pattern) if self.pattern else None, **super().config()}
 
     def _check_target(self, fqn: str, param: nn.Parameter) -> None:
-        if self.pattern is not None:
-            self.pattern.check(fqn, param.shape)
+        pattern = self._pattern_for(fqn)
+        if pattern is not None:
+            pattern.check(fqn, param.shape)
 
     def _check_config(self, saved: Mapping[str, Any], targets: Mapping[str, nn.Parameter]) -> None:
         if saved.get("kind") == "pattern_lock":
@@ -79,10 +80,12 @@ class MaskLock(MaskKeeper):
             masks = {fqn: local(p.detach()) != 0 for fqn, p in self._targets.items()}
         if self.pattern is not None:
             for fqn, mask in masks.items():
-                if not self.pattern.conforms(mask):
+                pattern = self._pattern_for(fqn)
+                assert pattern is not None
+                if not pattern.conforms(mask):
                     raise ValueError(
                         f"PatternLock(pattern='{self.pattern}'): the zeros of '{fqn}' do not form whole "
-                        f"'{self.pattern}' units ({self._stray_zeros(mask)} zeros outside them); lock them with "
+                        f"'{self.pattern}' units ({self._stray_zeros(mask, pattern)} zeros outside them); lock them with "
                         "pattern=None, or prune this layer with that pattern first"
                     )
         if all(all_kept(m) for m in masks.values()):
@@ -96,10 +99,9 @@ class MaskLock(MaskKeeper):
     def _unit_pattern(self) -> Pattern | None:
         return self.pattern
 
-    def _stray_zeros(self, mask: Tensor) -> int:
-        """Zeros that no whole unit of the pattern covers."""
-        assert self.pattern is not None
+    def _stray_zeros(self, mask: Tensor, pattern: Pattern) -> int:
+        """Zeros that no whole unit of ``pattern`` covers."""
         pruned = ~mask
         scores = torch.where(pruned, 0.0, 1.0)
-        whole = self.pattern.unit_scores(scores) == 0  # units whose elements are all zero
-        return int((pruned & ~self.pattern.expand(whole, scores)).sum())
+        whole = pattern.unit_scores(scores) == 0  # units whose elements are all zero
+        return int((pruned & ~pattern.expand(whole, scores)).sum())
