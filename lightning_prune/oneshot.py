@@ -26,7 +26,9 @@ from torch import Tensor, nn
 from lightning_prune.engine.pruner import check_fraction
 from lightning_prune.engine.scores import process_group
 from lightning_prune.hf import CACHE_ARGUMENTS, kv_cache_off
-from lightning_prune.patterns import NM, Unstructured, as_matrix, from_matrix, parse_pattern
+from lightning_prune.patterns import NM, Coupled, Pattern, Unstructured, as_matrix, from_matrix, parse_pattern
+from lightning_prune.retrain_free import check_retrain_free, retrain_free_prune
+from lightning_prune.selection import SCOPES
 from lightning_prune.sharding import is_dtensor
 from lightning_prune.targets import compile_patterns, parse_op_types, resolve_targets
 
@@ -225,7 +227,7 @@ def sparsegpt_prune(
     return from_matrix(W.to(weight.dtype), weight.shape).contiguous(), from_matrix(kept, weight.shape).contiguous()
 
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = ("sparsegpt", "wanda", "magnitude", "retrain_free")
 
 
 class _Stop(Exception):
@@ -317,7 +319,7 @@ def prune_oneshot(
     batches: Iterable[Any],
     method: str = "sparsegpt",
     target_sparsity: float = 0.5,
-    pattern: str = "unstructured",
+    pattern: str | Pattern = "unstructured",
     op_types: str | Sequence[str] = ("Linear", "Conv2d"),
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -325,6 +327,9 @@ def prune_oneshot(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    budget: str = "flops",
+    scope: str = "global",
+    loss: Callable[[nn.Module, Any], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Prune a trained model once from calibration batches, block after block, without training.
 
@@ -336,14 +341,19 @@ def prune_oneshot(
     statistics are all-reduced, so every rank ends with the same masks and weights.
 
     Methods: ``"sparsegpt"`` (:func:`sparsegpt_prune`, arXiv:2301.00774), ``"wanda"`` (:func:`wanda_mask`,
-    arXiv:2306.11695) and ``"magnitude"`` (per layer: the lowest ``|w|``; N:M per row).
+    arXiv:2306.11695) and ``"magnitude"`` (per layer: the lowest ``|w|``; N:M per row) prune weights;
+    ``"retrain_free"`` prunes whole attention heads (``pattern="head"``) or FFN neurons (``pattern="ffn"``)
+    to a FLOPs or parameter budget, from Fisher importances and a least-squares re-fit of the output
+    projections (Kwon et al. 2022, arXiv:2204.09656; :mod:`lightning_prune.retrain_free`).
 
     Args:
         model: changed in place (pruned weights set to zero; SparseGPT also updates the kept ones).
         batches: calibration batches (an iterable; read once).
-        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        target_sparsity: fraction pruned in every target, in [0, 1); with ``"N:M"`` it must be N/M.
-        pattern: ``"unstructured"`` or ``"N:M"``.
+        method: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` or ``"retrain_free"``.
+        target_sparsity: fraction pruned in every target, in [0, 1); with ``"N:M"`` it must be N/M. With
+            ``"retrain_free"``: the fraction of the heads' (or neurons') FLOPs or parameters removed.
+        pattern: ``"unstructured"`` or ``"N:M"``; ``"head"`` or ``"ffn"`` (or a ``Head``/``FFN`` with an
+            explicit layout) for ``"retrain_free"``.
         op_types: module class names whose ``weight`` is pruned (``Linear``, ``Conv2d``).
         include: regexes; only modules whose full name matches one are pruned.
         exclude: regexes; modules whose full name matches one are not pruned.
@@ -353,7 +363,12 @@ def prune_oneshot(
         forward: ``forward(model, batch)`` runs the model on a batch; default ``model(**batch)`` for a
             mapping, ``model(batch[0])`` for a tuple or list, else ``model(batch)``.
         block_size: SparseGPT's columns per block.
-        damp: SparseGPT's dampening.
+        damp: SparseGPT's dampening (and the retrain-free re-fit's).
+        budget: ``"retrain_free"``: ``"flops"`` (multiply-accumulates per token, attention scores included) or
+            ``"params"``.
+        scope: ``"retrain_free"``: ``"global"`` (units ranked across layers) or ``"local"`` (per layer).
+        loss: ``"retrain_free"``: ``loss(model, batch)``, the scalar whose gradients score the units; default a
+            LightningModule's ``training_step``, else the output's ``loss`` (HF models given labels).
 
     Returns:
         The masks by parameter name, True = kept.
@@ -372,7 +387,15 @@ def prune_oneshot(
         {'0.weight': 0.5, '2.weight': 0.5}
     """
     nm = check_arguments(method, target_sparsity, pattern, forward, block_size, damp)
-    targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
+    coupled = check_retrain_free(pattern, budget) if method == "retrain_free" else None
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a callable loss(model, batch), got {type(loss).__name__}")
+    if coupled is not None:
+        targets = {f: p for g in coupled.groups(model) for f, p in ((f, model.get_parameter(f)) for f in g.fqns)}
+    else:
+        targets = resolve_targets(model, parse_op_types(op_types), include, exclude)
     modules = target_modules(model, targets)
     names = dict(model.named_modules())
     if blocks is None:
@@ -389,6 +412,7 @@ def prune_oneshot(
     group = process_group()
     masks: dict[str, Tensor] = {}
     originals: dict[str, Tensor] = {}
+    statistic = "wanda" if method == "wanda" else "sparsegpt"  # x^2 per column, or x^T x
 
     def prune(fqns: list[str], stats: dict[str, _Statistics]) -> None:
         for fqn in fqns:
@@ -399,20 +423,24 @@ def prune_oneshot(
                 new = weight.detach() * mask
             elif method == "wanda":
                 total, _ = stats[fqn].result(group)
-                mask = wanda_mask(weight, total, target_sparsity, pattern)
+                mask = wanda_mask(weight, total, target_sparsity, str(pattern))
                 new = weight.detach() * mask
             else:
                 total, count = stats[fqn].result(group)
-                new, mask = sparsegpt_prune(weight, total.mul_(2 / count), target_sparsity, pattern, block_size, damp)
+                hessian = total.mul_(2 / count)
+                new, mask = sparsegpt_prune(weight, hessian, target_sparsity, str(pattern), block_size, damp)
             weight.data.copy_(new)
             masks[fqn] = mask
 
     def observe(
-        fqns: list[str], call: Callable[..., Any], inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
+        fqns: list[str],
+        call: Callable[..., Any],
+        inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+        action: Callable[[list[str], dict[str, _Statistics]], None],
     ) -> None:
-        """Statistics of ``fqns`` while ``call(*args, **kwargs)`` runs on every input, then their pruning."""
+        """Statistics of ``fqns`` while ``call(*args, **kwargs)`` runs on every input, then ``action`` on them."""
         shared = _Shared()
-        stats = {f: _Statistics(f, modules[f], method, shared) for f in fqns}
+        stats = {f: _Statistics(f, modules[f], statistic, shared) for f in fqns}
         try:
             for args, kwargs in inputs:
                 call(*args, **kwargs)
@@ -420,26 +448,56 @@ def prune_oneshot(
         finally:
             for s in stats.values():
                 s.handle.remove()
-        prune(fqns, stats)
+        action(fqns, stats)
+
+    def sweep(fqns: list[str], action: Callable[[list[str], dict[str, _Statistics]], None]) -> None:
+        """``observe`` block after block, each from the previous block's outputs once ``action`` changed it."""
+        done: set[str] = set()
+        if block_names:
+            cached = _block_inputs(model, names[block_names[0]], data, run)
+            for index, block_name in enumerate(block_names):
+                block = names[block_name]
+                inside = [f for f in fqns if f.startswith(f"{block_name}.")]
+                observe(inside, block, cached, action)
+                done.update(inside)
+                if index + 1 < len(block_names):
+                    cached = [(_next_args(block(*args, **kwargs), args), kwargs) for args, kwargs in cached]
+            del cached
+        rest = [f for f in fqns if f not in done]
+        if rest:
+            observe(rest, lambda batch: run(model, batch), [((batch,), {}) for batch in data], action)
+
+    def refit_action(apply: Callable[[list[str], Mapping[str, Tensor]], None]) -> Callable[..., None]:
+        def action(fqns: list[str], stats: dict[str, _Statistics]) -> None:
+            apply(fqns, {f: stats[f].result(group)[0] for f in fqns})
+
+        return action
 
     training = model.training
     model.eval()
     try:  # each block runs twice per batch: a key/value cache would join the two runs' keys
         with torch.no_grad(), kv_cache_off(model):
+            if coupled is not None:
+                originals.update({f: w.detach().clone() for f, w in targets.items()})
+                masks = retrain_free_prune(
+                    model,
+                    data,
+                    target_sparsity,
+                    coupled,
+                    run,
+                    lambda fqns, apply: sweep(fqns, refit_action(apply)),
+                    include,
+                    exclude,
+                    budget,
+                    scope,
+                    loss,
+                    damp,
+                )
+                return masks
             if method == "magnitude":  # no data needed
                 prune(list(targets), {})
-            elif block_names:
-                cached = _block_inputs(model, names[block_names[0]], data, run)
-                for index, block_name in enumerate(block_names):
-                    block = names[block_name]
-                    fqns = [f for f in targets if f.startswith(f"{block_name}.")]
-                    observe(fqns, block, cached)
-                    if index + 1 < len(block_names):
-                        cached = [(_next_args(block(*args, **kwargs), args), kwargs) for args, kwargs in cached]
-                del cached
-            rest = [f for f in targets if f not in masks]
-            if rest:
-                observe(rest, lambda batch: run(model, batch), [((batch,), {}) for batch in data])
+            else:
+                sweep(list(targets), prune)
     except Exception:
         with torch.no_grad():
             for fqn, original in originals.items():
@@ -478,7 +536,7 @@ def target_modules(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str,
 def check_arguments(
     method: str,
     target_sparsity: float,
-    pattern: str,
+    pattern: str | Pattern,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     block_size: int = 128,
     damp: float = 0.01,
@@ -495,6 +553,17 @@ def check_arguments(
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not valid; choose one of {', '.join(map(repr, METHODS))}")
+    if method == "retrain_free":
+        check_fraction("target_sparsity", target_sparsity, upper_open=True)
+        check_retrain_free(pattern, "flops")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")
+        return None
+    if isinstance(parse_pattern(pattern), Coupled):
+        raise ValueError(
+            f"pattern '{pattern}' prunes whole heads or neurons: use method='retrain_free' for it (method "
+            f"{method!r} prunes single weights: pattern {_PATTERNS})"
+        )
     nm = _parse(str(pattern), target_sparsity, "target_sparsity")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be a callable forward(model, batch), got {type(forward).__name__}")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import inspect
 import itertools
 import json
+import re
 import struct
 import subprocess
 import sys

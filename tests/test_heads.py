@@ -370,3 +370,112 @@ def test_pattern_lock_keeps_pruned_heads_at_zero_and_refuses_zeros_that_are_not_
         model.model.layers[0].self_attn.q_proj.weight[8 * kept + 1, :] = 0  # one row of a kept head
     with pytest.raises(ValueError, match=r"the zeros of 'model.layers.0.self_attn.q_proj.weight' do not form whole"):
         MaskLock(model, pattern="head")
+
+
+# ---------------------------------------------------------------------------- retrain-free (Kwon et al. 2022)
+def calibration(n: int = 6, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (4, 16), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
+def test_refit_is_the_least_squares_solution_over_the_kept_columns():
+    from lightning_prune.retrain_free import refit
+
+    torch.manual_seed(0)
+    x, w = torch.randn(200, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    kept = torch.tensor([True, False, True, True, False, True])
+    new = refit(w, x.T @ x, kept, damp=0.0)
+    expected = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T
+    assert torch.allclose(new[:, kept], expected, atol=1e-8) and not new[:, ~kept].any()
+
+
+@pytest.mark.parametrize(("pattern", "budget"), [("head", "flops"), ("ffn", "params")])
+def test_retrain_free_removes_whole_units_to_the_budget_and_the_refit_beats_plain_masking(pattern, budget):
+    from lightning_prune.oneshot import prune_oneshot
+
+    model = llama(heads=4, kv_heads=4).eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    test = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(test).logits
+    masks = prune_oneshot(model, calibration(), "retrain_free", 0.5, pattern, budget=budget)
+    if pattern == "head":
+        assert set(masks) == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "qkvo"}
+        pruned = [len(dead_heads(masks[f"model.layers.{i}.self_attn.q_proj.weight"], 8)) for i in range(2)]
+        assert sum(pruned) == 4 and all(n < 4 for n in pruned)  # half the heads' FLOPs: 4 of 8 equal heads
+        for i in range(2):
+            prefix = f"model.layers.{i}.self_attn"
+            q = dead_heads(masks[f"{prefix}.q_proj.weight"], 8)
+            assert q == dead_heads(masks[f"{prefix}.o_proj.weight"], 8, columns=True)
+    else:
+        assert sum(int((~masks[f"model.layers.{i}.mlp.up_proj.weight"].any(1)).sum()) for i in range(2)) == 48
+    for name, mask in masks.items():
+        assert not model.get_parameter(name)[~mask].any(), "pruned weights are exactly zero"
+    with torch.no_grad():
+        refitted = float((model(test).logits - reference).square().mean())
+        plain = llama(heads=4, kv_heads=4).eval()
+        plain.load_state_dict({k: v * masks[k] if k in masks else v for k, v in dense.items()})
+        masked = float((plain(test).logits - reference).square().mean())
+    assert refitted < masked, "the least-squares re-fit keeps the outputs closer than masking alone"
+
+
+def test_retrain_free_removes_the_head_whose_mask_has_no_effect_first():
+    from lightning_prune.oneshot import prune_oneshot
+
+    model = llama(heads=4, kv_heads=4, layers=1).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 16:24] *= 1e-6  # head 2's output barely counts
+    masks = prune_oneshot(model, calibration(), "retrain_free", 0.25, "head", budget="params")
+    assert dead_heads(masks["model.layers.0.self_attn.q_proj.weight"], 8) == [2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"pattern": "unstructured"}, ValueError, "pattern 'unstructured' is not valid here; choose 'head' or 'ffn'"),
+        ({"budget": "time"}, ValueError, "budget 'time' is not valid; choose one of 'flops', 'params'"),
+        ({"target_sparsity": 0.95}, ValueError, "would prune every head|can prune while one head"),
+        ({"scope": "layer"}, ValueError, "scope 'layer' is not valid"),
+        ({"loss": 3}, TypeError, "loss must be a callable"),
+        ({"batches": [{"input_ids": torch.randint(0, 64, (2, 8))}]}, ValueError, "no scalar loss.*pass loss="),
+    ],
+)
+def test_retrain_free_bad_input_is_refused_before_any_weight_changes(kwargs, error, message):
+    from lightning_prune.oneshot import prune_oneshot
+
+    model = llama(layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {"batches": calibration(2), "method": "retrain_free", "target_sparsity": 0.5, "pattern": "head", **kwargs}
+    with pytest.raises(error, match=message):
+        prune_oneshot(model, **args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weight_methods_refuse_the_head_pattern_naming_retrain_free():
+    from lightning_prune.oneshot import prune_oneshot
+
+    with pytest.raises(ValueError, match="use method='retrain_free' for it"):
+        prune_oneshot(llama(layers=1), calibration(1), "sparsegpt", 0.5, "head")
+
+
+def test_one_shot_callback_prunes_heads_retrain_free_then_fine_tunes_them_locked():
+    from lightning_prune import OneShotPruning
+
+    torch.manual_seed(0)
+    model = Classifier(MiniLM(pretrained=False, config=TINY_BERT), num_classes=5)
+    cb = OneShotPruning("retrain_free", 0.5, "head", calibration_batches=2, scope="local", verbose=False)
+    ids = torch.randint(0, 1000, (16, 2, 12))
+    ids[:, 1] = 1
+    data = torch.utils.data.TensorDataset(ids, torch.randint(0, 5, (16,)))
+    make_trainer([cb], max_steps=3).fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    masks = {k.removeprefix("net."): v for k, v in cb.masks.items()}
+    assert len(masks) == 8, "q, k, v and attention output of 2 layers"
+    for layer in range(2):
+        q = dead_heads(masks[f"bert.encoder.layer.{layer}.attention.self.query.weight"], 8)
+        assert len(q) == 2
+        weight = model.net.bert.encoder.layer[layer].attention.output.dense.weight
+        assert not weight.reshape(32, 4, 8)[:, q].any() and weight.reshape(32, 4, 8).any()

@@ -18,6 +18,8 @@ from lightning_prune.engine import MaskLock
 from lightning_prune.oneshot import check_arguments, prune_oneshot, target_modules
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.report import format_report
+from lightning_prune.retrain_free import check_retrain_free
+from lightning_prune.selection import SCOPES
 
 __all__ = ["OneShotPruning"]
 
@@ -40,9 +42,11 @@ class OneShotPruning(MaskedWeights):
     rank ends with the same masks and weights.
 
     Args:
-        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        target_sparsity: fraction pruned in every target, in [0, 1); with ``"N:M"`` it must be N/M.
-        pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
+        method: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` or ``"retrain_free"`` (whole heads or FFN
+            neurons, Kwon et al. 2022, arXiv:2204.09656).
+        target_sparsity: fraction pruned in every target, in [0, 1); with ``"N:M"`` it must be N/M; with
+            ``"retrain_free"`` the fraction of the heads' (neurons') FLOPs or parameters.
+        pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``); ``"head"`` or ``"ffn"`` for ``"retrain_free"``.
         calibration_batches: how many training batches (per rank) calibrate, when ``dataloader`` is None.
         dataloader: calibration batches (any iterable) to use instead of the training batches; all of them.
         op_types: module class names whose ``weight`` is pruned (``Linear``, ``Conv2d``).
@@ -51,7 +55,11 @@ class OneShotPruning(MaskedWeights):
         blocks: regexes naming the modules processed one after another (default: a transformer's layers).
         forward: ``forward(module, batch)`` runs the LightningModule on a batch.
         block_size: SparseGPT's columns per block.
-        damp: SparseGPT's dampening, a fraction of the mean Hessian diagonal.
+        damp: SparseGPT's dampening, a fraction of the mean Hessian diagonal (and the re-fit's).
+        budget: ``"retrain_free"``: ``"flops"`` or ``"params"``.
+        scope: ``"retrain_free"``: ``"global"`` or ``"local"``.
+        loss: ``"retrain_free"``: ``loss(module, batch)``, the scalar whose gradients score the units; default
+            the module's ``training_step`` (its logging muted).
         verbose: print the per-layer sparsity after pruning and at the end of training.
 
     Raises:
@@ -81,15 +89,25 @@ class OneShotPruning(MaskedWeights):
         forward: Callable[[nn.Module, Any], Any] | None = None,
         block_size: int = 128,
         damp: float = 0.01,
+        budget: str = "flops",
+        scope: str = "global",
+        loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         verbose: bool = True,
     ) -> None:
-        check_arguments(method, target_sparsity, str(pattern), forward, block_size, damp)
+        check_arguments(method, target_sparsity, pattern, forward, block_size, damp)
+        if method == "retrain_free":
+            check_retrain_free(pattern, budget)
+        if scope not in SCOPES:
+            raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be a callable loss(module, batch), got {type(loss).__name__}")
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be a positive int, got {calibration_batches!r}")
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise TypeError(f"dataloader must be an iterable of batches, got {type(dataloader).__name__}")
         self.method, self.target_sparsity = method, float(target_sparsity)
-        self.pattern = parse_pattern(str(pattern))
+        self.pattern = parse_pattern(pattern)
+        self.budget, self.scope, self.loss = budget, scope, loss
         self.calibration_batches, self.dataloader = calibration_batches, dataloader
         self.blocks, self.forward = blocks, forward
         self.block_size, self.damp = block_size, damp
@@ -166,7 +184,7 @@ class OneShotPruning(MaskedWeights):
             self._batches(trainer),
             method=self.method,
             target_sparsity=self.target_sparsity,
-            pattern=str(self.pattern),
+            pattern=self.pattern,
             op_types=self.op_types,
             include=self.include,
             exclude=self.exclude,
@@ -174,9 +192,32 @@ class OneShotPruning(MaskedWeights):
             forward=self.forward,
             block_size=self.block_size,
             damp=self.damp,
+            budget=self.budget,
+            scope=self.scope,
+            loss=self.loss or _quiet_training_step,
         )
 
     def _log(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({"prune/sparsity": self.sparsity()}, step=trainer.global_step)
+
+
+def _quiet_training_step(module: nn.Module, batch: Any) -> torch.Tensor:
+    """The module's ``training_step`` loss, its ``self.log`` calls muted (no loop collects them here)."""
+    step = getattr(module, "training_step", None)
+    if not callable(step):
+        out = module(**batch) if isinstance(batch, Mapping) else module(batch)
+        return out.loss if hasattr(out, "loss") else out
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    for name in saved:
+        module.__dict__[name] = lambda *args, **kwargs: None
+    try:
+        out = step(batch, 0)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = value
+    return out["loss"] if isinstance(out, Mapping) else out

@@ -85,8 +85,8 @@ class MaskLock(MaskKeeper):
                 if not pattern.conforms(mask):
                     raise ValueError(
                         f"PatternLock(pattern='{self.pattern}'): the zeros of '{fqn}' do not form whole "
-                        f"'{self.pattern}' units ({self._stray_zeros(mask, pattern)} zeros outside them); lock them with "
-                        "pattern=None, or prune this layer with that pattern first"
+                        f"'{self.pattern}' units ({self._stray_zeros(mask, pattern)} zeros outside them); lock them "
+                        "with pattern=None, or prune this layer with that pattern first"
                     )
         if all(all_kept(m) for m in masks.values()):
             warnings.warn(
