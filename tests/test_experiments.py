@@ -333,7 +333,10 @@ def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
 
 @pytest.mark.parametrize(
     ("pattern", "names"),
-    [("head", r"attention\.(self\.(query|key|value)|output\.dense)"), ("ffn", r"(intermediate|output)\.dense")],
+    [
+        ("head", r"attention\.(self\.(query|key|value)|output\.dense)"),
+        pytest.param("ffn", r"(intermediate|output)\.dense", marks=pytest.mark.slow),
+    ],
 )
 def test_nlp_smoke_prunes_whole_heads_or_neurons(tmp_path, pattern, names):
     out = run(
