@@ -109,6 +109,118 @@ def versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, Any]:
     }
 
 
+def _unit_importance(keep: dict[nn.Module, tuple[str, torch.Tensor]]) -> Any:
+    """A Torch-Pruning importance that scores each channel 1 if its unit is kept and 0 if removed.
+
+    ``keep`` maps a Linear to ("out" or "in", a bool per output row or input column). A group is scored from
+    its root, the layer Torch-Pruning ranks it by; groups rooted elsewhere (the hidden size) are not pruned.
+    """
+    import torch_pruning as tp
+
+    class Kept(tp.importance.Importance):
+        @torch.no_grad()
+        def __call__(self, group: Any) -> torch.Tensor | None:
+            root = group[0].dep.target.module
+            if root not in keep:
+                return None
+            is_out = getattr(group[0].dep.handler, "__name__", "") == "prune_out_channels"
+            where, kept = keep[root]
+            if (where == "out") != is_out:
+                return None
+            idxs = torch.as_tensor([int(i) for i in group[0].idxs])
+            return kept[idxs].float()
+
+    return Kept()
+
+
+def heads_versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, Any]:
+    """MiniLM-L6 with 25% of its heads and 50% of its FFN neurons removed: our `slim` against Torch-Pruning's.
+
+    The same units go in both: masks from the `head` and `ffn` patterns (magnitude, local: 3 of 12 heads and
+    768 of 1536 neurons in every layer). Ours: `slim` of the masked model. Torch-Pruning: its `BasePruner` on
+    the dense model with `num_heads` of every query/key/value projection, `prune_num_heads=True` and the
+    same per-layer ratios (its example for Hugging Face BERT), ranking by an importance that is 1 for the kept
+    units and 0 for the removed ones, then the attention modules' head counts set as its example does. The two
+    slimmed models run alternately in one process; the median of per-round ratios is reported. ``quick``: a
+    random 2-layer BERT.
+    """
+    import torch_pruning as tp
+
+    from lightning_prune import Pruner
+    from lightning_prune.structure import find_attention, find_ffn, linear_at
+
+    if quick:
+        config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2}
+        net, length, batch = MiniLM(pretrained=False, config=config), 16, 2
+    else:
+        net, length, batch = MiniLM(), 128, 8
+    net.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000 if not quick else 30000, (batch, 2, length))
+    ids[:, 1] = 1
+    masks: dict[str, torch.Tensor] = {}
+    for pattern, fraction in (("head", 0.25), ("ffn", 0.5)):
+        pruner = Pruner(net, fraction, pattern, "magnitude", OneShot(step=0), scope="local")
+        pruner.before_optimizer_step(0)
+        masks.update(pruner.masks)
+        pruner.close()
+    ours, report = slim(net, masks, ids[:2])
+
+    theirs = copy.deepcopy(net)
+    keep: dict[nn.Module, tuple[str, torch.Tensor]] = {}
+    num_heads: dict[nn.Module, int] = {}
+    ratios: dict[nn.Module, float] = {}
+    for layout in find_attention(net):
+        o = linear_at(net, layout.o)
+        kept_columns = (masks[f"{layout.o}.weight"] != 0).any(dim=0)
+        keep[linear_at(theirs, layout.o)] = ("in", kept_columns)
+        for name in (layout.q, layout.k, layout.v):
+            keep[linear_at(theirs, name)] = ("out", kept_columns)
+            num_heads[linear_at(theirs, name)] = layout.num_heads
+            ratios[linear_at(theirs, name)] = 1 - int(kept_columns.sum()) / o.in_features
+    ffn_ratios = {}
+    for ffn in find_ffn(net):
+        kept = (masks[f"{ffn.output}.weight"] != 0).any(dim=0)
+        keep[linear_at(theirs, ffn.output)] = ("in", kept)
+        for name in ffn.inputs:
+            keep[linear_at(theirs, name)] = ("out", kept)
+            ffn_ratios[linear_at(theirs, name)] = 1 - int(kept.sum()) / kept.numel()
+    pruner = tp.pruner.BasePruner(
+        theirs,
+        ids[:2],
+        importance=_unit_importance(keep),
+        global_pruning=False,
+        pruning_ratio=0.0,
+        pruning_ratio_dict={**ffn_ratios, **ratios},  # heads: Torch-Pruning skips a layer whose ratio is 0
+        num_heads=num_heads,
+        prune_head_dims=False,
+        prune_num_heads=True,
+        head_pruning_ratio=0.25,
+        head_pruning_ratio_dict=ratios,
+    )
+    pruner.step()
+    for module in theirs.modules():
+        if hasattr(module, "attention_head_size") and getattr(module, "query", None) in pruner.num_heads:
+            module.num_attention_heads = pruner.num_heads[module.query]
+            module.all_head_size = module.query.out_features
+    with torch.no_grad():
+        difference = float((ours(ids) - theirs(ids)).abs().max())
+    _, params_theirs = tp.utils.count_ops_and_params(theirs, ids[:2])
+    ratio = latency({"torch-pruning": theirs, "ours": ours}, ids, rounds)["ours"]
+    to_dense = latency({"dense": net, "ours": ours, "torch-pruning": theirs}, ids, max(3, rounds // 4))
+    return {
+        "model": f"{'random 2-layer BERT' if quick else 'MiniLM-L6'}, batch {batch} x {length} tokens, "
+        "25% of heads and 50% of FFN neurons in every layer",
+        "ours_over_torch_pruning": ratio,
+        "rounds": rounds,
+        "max_output_difference": difference,
+        "heads_removed": sum(report["heads"].values()),
+        "neurons_removed": sum(report["neurons"].values()),
+        "params": {"dense": report["params_before"], "ours": report["params_after"], "torch-pruning": params_theirs},
+        "latency_to_dense": {"ours": to_dense["ours"], "torch-pruning": to_dense["torch-pruning"]},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100)

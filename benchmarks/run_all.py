@@ -34,7 +34,7 @@ from benchmarks import export, oneshot, selection, sharded, step_overhead  # noq
 from benchmarks.harness import benches  # noqa: E402
 
 INC_METHODS = ("4x1:snip_momentum", "unstructured:magnitude")
-SECTIONS = ("steps", "selection", "slim", "sharded", "oneshot")
+SECTIONS = ("steps", "selection", "slim", "heads", "sharded", "oneshot")
 
 
 def inc_rows(python: Path, minilm: str | None, repeats: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
@@ -125,9 +125,32 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"= {tp['ours_over_torch_pruning']:.3f}. Ratios to dense move with the machine's state from run to "
             "run; this one does not.",
         ]
+    lines += _heads_lines(results.get("heads"))
     lines += _sharded_lines(results.get("sharded"))
     lines += _oneshot_lines(results.get("oneshot"))
     path.write_text("\n".join(lines) + "\n")
+
+
+def _heads_lines(row: dict[str, Any] | None) -> list[str]:
+    """The heads-and-neurons section of RESULTS.md."""
+    if not row:
+        return []
+    params = row["params"]
+    return [
+        "",
+        "## Slimmed latency of whole heads and FFN neurons, against Torch-Pruning's attention pruning",
+        "",
+        f"{row['model']}: {row['heads_removed']} heads and {row['neurons_removed']} neurons removed. The same units "
+        "go in both (the `head` and `ffn` patterns choose them; Torch-Pruning's `BasePruner` with `num_heads` and "
+        "`prune_num_heads=True` is handed an importance that ranks exactly those units last). Parameters: "
+        f"dense {params['dense'] / 1e6:.3f}M, ours {params['ours'] / 1e6:.3f}M, Torch-Pruning "
+        f"{params['torch-pruning'] / 1e6:.3f}M; largest output difference between the two slimmed models "
+        f"{row['max_output_difference']:.1e}.",
+        "",
+        f"Slimmed latency, the two timed alternately: ours / Torch-Pruning = {row['ours_over_torch_pruning']:.3f} "
+        f"(median of {row.get('rounds', 'the')} rounds); to the masked dense model: ours "
+        f"{row['latency_to_dense']['ours']:.2f}x, Torch-Pruning {row['latency_to_dense']['torch-pruning']:.2f}x.",
+    ]
 
 
 def _sharded_lines(row: dict[str, Any] | None) -> list[str]:
@@ -289,6 +312,8 @@ def main() -> None:
             print(f"selection {label}: {json.dumps(sel[label])}", flush=True)
     slim = export.versus_torch_pruning(rounds, args.quick) if "slim" in sections else kept["slim"]
     print(f"slim: {json.dumps(slim)}", flush=True)
+    heads = export.heads_versus_torch_pruning(rounds, args.quick) if "heads" in sections else kept.get("heads")
+    print(f"heads: {json.dumps(heads)}", flush=True)
     shard = sharded.measure(repeats, args.quick) if "sharded" in sections else kept.get("sharded")
     print(f"sharded: {json.dumps(shard)}", flush=True)
     one = kept.get("oneshot")
@@ -318,6 +343,7 @@ def main() -> None:
         "inc_note": inc_note,
         "selection": sel,
         "slim": slim,
+        "heads": heads,
         "sharded": shard,
         "oneshot": one,
     }

@@ -44,6 +44,11 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     slim = results["slim"]
     assert slim["ours"]["params"] == slim["torch-pruning"]["params"] < slim["dense"]["params"]
     assert slim["ours_over_torch_pruning"] > 0
+    heads = results["heads"]
+    assert heads["params"]["ours"] == heads["params"]["torch-pruning"] < heads["params"]["dense"]
+    assert heads["max_output_difference"] < 1e-4, "both removed the same heads and neurons"
+    assert heads["heads_removed"] == 2 and heads["neurons_removed"] == 128
+    assert "ours / Torch-Pruning = " in text and "## Slimmed latency of whole heads" in text
     shard = results["sharded"]
     assert shard["held in window"] == pytest.approx(0.5, abs=0.05)  # each of 2 ranks: half the one-process 1.00x
     assert shard["held after"] == pytest.approx(0.25, abs=0.05)
@@ -65,6 +70,7 @@ def test_run_all_quick_writes_results(tmp_path: Path) -> None:
     assert "--sections slim" in again["meta"]["command"]
 
 
+@pytest.mark.slow
 def test_run_all_rejects_unknown_section(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(tmp_path), "--sections", "stepz"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -97,7 +97,9 @@ def _select_on_rank(rank: int, world: int, init: str, out: str, sizes: list[int]
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[300, 50, 700, 20], [40_000, 30_000, 25_000, 1_000, 9_000]])
+@pytest.mark.parametrize(
+    "sizes", [[300, 50, 700, 20], pytest.param([40_000, 30_000, 25_000, 1_000, 9_000], marks=pytest.mark.slow)]
+)
 def test_counting_selection_split_across_processes_equals_one_process(tmp_path, sizes):
     from lightning_prune.selection import prune_lowest
 

@@ -334,7 +334,7 @@ def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
 @pytest.mark.parametrize(
     ("pattern", "names"),
     [
-        ("head", r"attention\.(self\.(query|key|value)|output\.dense)"),
+        pytest.param("head", r"attention\.(self\.(query|key|value)|output\.dense)", marks=pytest.mark.slow),
         pytest.param("ffn", r"(intermediate|output)\.dense", marks=pytest.mark.slow),
     ],
 )
