@@ -112,9 +112,11 @@ def _masks_of(callbacks: Sequence[Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("net."): v for cb in callbacks for k, v in cb.masks.items()}
 
 
-def _slim_row(dense: nn.Module, model: Classifier, masks: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+def _slim_row(
+    dense: nn.Module, model: Classifier, masks: dict[str, torch.Tensor], x: torch.Tensor, timed: bool = True
+) -> dict[str, Any]:
     small, report = slim(model.net, masks, x[:4])
-    ratio = latency_ratio(dense, small, lambda m: m(x))
+    ratio = latency_ratio(dense, small, lambda m: m(x)) if timed else None
     return {
         "params": report["params_after"],
         "params_ratio": report["params_after"] / report["params_before"],
@@ -126,8 +128,13 @@ def _slim_row(dense: nn.Module, model: Classifier, masks: dict[str, torch.Tensor
 
 
 def minilm_rows(
-    steps: int = 300, seed: int = 0, calibration: int = 16, settings: list[tuple[str, dict[str, float]]] = SETTINGS
+    steps: int = 300,
+    seed: int = 0,
+    calibration: int = 16,
+    settings: list[tuple[str, dict[str, float]]] = SETTINGS,
+    timed: bool = True,
 ) -> list[dict[str, Any]]:
+    """The MiniLM rows of one seed; ``timed=False`` leaves the latencies out (the other seeds' rows)."""
     torch.manual_seed(seed)
     data = _data(seed)
     x = next(iter(data.test_dataloader()))[0][:16]  # latency at the training batch size
@@ -146,7 +153,7 @@ def minilm_rows(
     rows[-1].update(params_ratio=1.0, macs_ratio=1.0, latency_ratio=1.0)
     print(json.dumps(rows[-1]), flush=True)
     encoder = r"net\.bert\.encoder\.layer\.\d+\..*"
-    for label, fractions in settings + RETRAIN_FREE_ONLY:
+    for label, fractions in settings + (RETRAIN_FREE_ONLY if timed else []):
         # retrain-free from the dense fine-tuned model: no training at all
         model = copy.deepcopy(dense)
         callbacks = [
@@ -156,7 +163,7 @@ def minilm_rows(
         start = time.perf_counter()
         _fit(model, data, 0, callbacks)
         row = {"method": "retrain-free", "setting": label, "seconds": time.perf_counter() - start}
-        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, _masks_of(callbacks), x))
+        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, _masks_of(callbacks), x, timed))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if (label, fractions) in RETRAIN_FREE_ONLY:
@@ -174,7 +181,7 @@ def minilm_rows(
         start = time.perf_counter()
         _fit(model, data, steps, callbacks)
         row = {"method": "during fine-tuning", "setting": label, "seconds": time.perf_counter() - start}
-        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, _masks_of(callbacks), x))
+        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, _masks_of(callbacks), x, timed))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -274,8 +281,10 @@ def plot(rows: list[dict[str, Any]], metric: str, ylabel: str, title: str, path:
     dense = next(r for r in rows if r["method"] == "dense")
     ax.axhline(dense[metric], color="0.4", ls="--", lw=1, label="dense")
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    timed = {r["setting"]: r["latency_ratio"] for r in rows if r.get("latency_ratio") is not None}
+    rows = [r if r.get("latency_ratio") is not None else {**r, "latency_ratio": timed.get(r["setting"])} for r in rows]
     for i, method in enumerate(methods):
-        mine = [r for r in rows if r["method"] == method and "latency_ratio" in r and metric in r]
+        mine = [r for r in rows if r["method"] == method and r["latency_ratio"] is not None and metric in r]
         if not mine:
             continue
         ax.scatter([r["latency_ratio"] for r in mine], [r[metric] for r in mine], color=f"C{i}", label=method)
@@ -306,6 +315,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="MiniLM fine-tuning steps (dense and pruned runs)")
     parser.add_argument("--plot-only", action="store_true", help="table and plot from the saved rows, no runs")
     parser.add_argument("--retime", metavar="SETTING", help="minilm: re-time one retrain-free row's slimmed model")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="minilm: another seed's rows, accuracy only (written to structured_minilm_seed<N>.jsonl)",
+    )
+    parser.add_argument("--settings", help="with --seed: the settings to run, ';'-separated labels (default: all)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -313,6 +329,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     if args.retime:
         print(json.dumps({"setting": args.retime, "latency_ratio": minilm_retime(args.retime, args.steps)}))
+        return
+    if args.seed:
+        chosen = [s for s in SETTINGS if args.settings is None or s[0] in args.settings.split(";")]
+        rows = minilm_rows(args.steps, args.seed, settings=chosen, timed=False)
+        with (out / "results" / f"structured_minilm_seed{args.seed}.jsonl").open("w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
         return
     saved = out / "results" / f"structured_{args.name}.jsonl"
     loaded = [json.loads(line) for line in saved.read_text().splitlines()] if args.plot_only else None
