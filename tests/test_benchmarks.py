@@ -75,7 +75,7 @@ def test_run_all_rejects_unknown_section(tmp_path: Path) -> None:
     cmd = [sys.executable, "benchmarks/run_all.py", "--quick", "--out", str(tmp_path), "--sections", "stepz"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "--sections: 'stepz'; choose from steps, selection, slim, sharded" in proc.stderr
+    assert "--sections: 'stepz'; choose from steps, selection, slim, heads, sharded, oneshot" in proc.stderr
 
 
 @pytest.mark.slow
