@@ -270,31 +270,32 @@ def llama_rows(
 
 
 # ---------------------------------------------------------------------------- tables and plots
-def plot(rows: list[dict[str, Any]], metric: str, ylabel: str, title: str, path: Path) -> None:
-    """The metric against the slimmed model's latency ratio, one marker per method."""
+def plot(rows: list[dict[str, Any]], panels: dict[str, str], title: str, path: Path) -> None:
+    """Each metric of ``panels`` ({metric: y label}) against the slimmed model's latency ratio, per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.6), squeeze=False)
     dense = next(r for r in rows if r["method"] == "dense")
-    ax.axhline(dense[metric], color="0.4", ls="--", lw=1, label="dense")
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
     timed = {r["setting"]: r["latency_ratio"] for r in rows if r.get("latency_ratio") is not None}
     rows = [r if r.get("latency_ratio") is not None else {**r, "latency_ratio": timed.get(r["setting"])} for r in rows]
-    for i, method in enumerate(methods):
-        mine = [r for r in rows if r["method"] == method and r["latency_ratio"] is not None and metric in r]
-        if not mine:
-            continue
-        ax.scatter([r["latency_ratio"] for r in mine], [r[metric] for r in mine], color=f"C{i}", label=method)
-        for r in mine:
-            ax.annotate(
-                r["setting"], (r["latency_ratio"], r[metric]), fontsize=7, xytext=(4, 2), textcoords="offset points"
-            )
-    ax.set(xlabel="CPU latency of the slimmed model / dense (median of alternating runs)", ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (metric, ylabel) in zip(axes[0], panels.items()):
+        ax.axhline(dense[metric], color="0.4", ls="--", lw=1, label="dense")
+        for i, method in enumerate(methods):
+            mine = [r for r in rows if r["method"] == method and r["latency_ratio"] is not None and metric in r]
+            if not mine:
+                continue
+            ax.scatter([r["latency_ratio"] for r in mine], [r[metric] for r in mine], color=f"C{i}", label=method)
+            for r in mine:
+                xy = (r["latency_ratio"], r[metric])
+                ax.annotate(r["setting"], xy, fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set(xlabel="CPU latency of the slimmed model / dense (median of alternating runs)", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -341,18 +342,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.name == "minilm":
         rows = loaded or minilm_rows(args.steps)
         title = "MiniLM-L6 on BBC News: heads and FFN neurons removed"
-        plot(rows, "accuracy", "test accuracy", title, out / "images" / "structured_minilm.png")
+        plot(rows, {"accuracy": "test accuracy"}, title, out / "images" / "structured_minilm.png")
         columns = {"accuracy": "accuracy", "params_ratio": "params", "macs_ratio": "MACs", "latency_ratio": "latency"}
     else:
         rows = loaded or llama_rows()
-        title = "Llama 5.5M: heads and FFN neurons removed, then 100 steps locked"
-        plot(
-            rows,
-            "ppl_finetuned",
-            "perplexity, held-out BBC (after fine-tune)",
-            title,
-            out / "images" / "structured_llama.png",
-        )
+        title = "Llama 5.5M: heads and FFN neurons removed (left), then 100 steps with the masks locked (right)"
+        panels = {"ppl": "perplexity, held-out BBC", "ppl_finetuned": "perplexity after the fine-tune"}
+        plot(rows, panels, title, out / "images" / "structured_llama.png")
         columns = {
             "ppl": "ppl",
             "ppl_finetuned": "ppl, fine-tuned",
