@@ -75,6 +75,7 @@ def test_fabric_loop_gives_the_callbacks_masks():
         assert torch.equal(pruner.masks[name], mask), name
 
 
+@pytest.mark.slow
 def test_the_engine_and_the_pieces_import_without_lightning():
     code = (
         "import sys\n"

@@ -508,6 +508,7 @@ def train_script(*overrides: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
     tiny_sweep = ["steps=4", "data.subset=64", "dense=skip", "plots=false", f"hydra.sweep.dir={tmp_path}"]
     train_script("-m", "pattern=2in4", "pruner.target_sparsity=0.7,0.5", *tiny_sweep)
