@@ -98,7 +98,11 @@ def _select_on_rank(rank: int, world: int, init: str, out: str, sizes: list[int]
 
 
 @pytest.mark.parametrize(
-    "sizes", [[300, 50, 700, 20], pytest.param([40_000, 30_000, 25_000, 1_000, 9_000], marks=pytest.mark.slow)]
+    "sizes",
+    [
+        pytest.param([300, 50, 700, 20], marks=pytest.mark.slow),  # the default FSDP2 test splits selection too
+        pytest.param([40_000, 30_000, 25_000, 1_000, 9_000], marks=pytest.mark.slow),
+    ],
 )
 def test_counting_selection_split_across_processes_equals_one_process(tmp_path, sizes):
     from lightning_prune.selection import prune_lowest
