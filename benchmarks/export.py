@@ -146,7 +146,7 @@ def heads_versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, An
     """
     import torch_pruning as tp
 
-    from lightning_prune import Pruner
+    from experiments.structured_results import magnitude_masks
     from lightning_prune.structure import find_attention, find_ffn, linear_at
 
     if quick:
@@ -156,14 +156,9 @@ def heads_versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, An
         net, length, batch = MiniLM(), 128, 8
     net.eval()
     torch.manual_seed(0)
-    ids = torch.randint(1000, 20000 if not quick else 30000, (batch, 2, length))
+    ids = torch.randint(1000, 20000, (batch, 2, length))
     ids[:, 1] = 1
-    masks: dict[str, torch.Tensor] = {}
-    for pattern, fraction in (("head", 0.25), ("ffn", 0.5)):
-        pruner = Pruner(net, fraction, pattern, "magnitude", OneShot(step=0), scope="local")
-        pruner.before_optimizer_step(0)
-        masks.update(pruner.masks)
-        pruner.close()
+    masks = magnitude_masks(net, {"head": 0.25, "ffn": 0.5}, None, scope="local")  # zeroes them in net
     ours, report = slim(net, masks, ids[:2])
 
     theirs = copy.deepcopy(net)
@@ -171,13 +166,12 @@ def heads_versus_torch_pruning(rounds: int, quick: bool = False) -> dict[str, An
     num_heads: dict[nn.Module, int] = {}
     ratios: dict[nn.Module, float] = {}
     for layout in find_attention(net):
-        o = linear_at(net, layout.o)
         kept_columns = (masks[f"{layout.o}.weight"] != 0).any(dim=0)
         keep[linear_at(theirs, layout.o)] = ("in", kept_columns)
         for name in (layout.q, layout.k, layout.v):
             keep[linear_at(theirs, name)] = ("out", kept_columns)
             num_heads[linear_at(theirs, name)] = layout.num_heads
-            ratios[linear_at(theirs, name)] = 1 - int(kept_columns.sum()) / o.in_features
+            ratios[linear_at(theirs, name)] = 1 - int(kept_columns.sum()) / kept_columns.numel()
     ffn_ratios = {}
     for ffn in find_ffn(net):
         kept = (masks[f"{ffn.output}.weight"] != 0).any(dim=0)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from experiments.data import BBCNewsData
 from experiments.models import Classifier, MiniLM
+from experiments.timing import latency
 from lightning_prune import OneShotPruning, Pruner, Pruning
 from lightning_prune.export import slim
 from lightning_prune.schedules import OneShot
@@ -51,6 +51,7 @@ LLAMA_SETTINGS = [SETTINGS[0], SETTINGS[3], SETTINGS[4]]
 # retrain-free only: the FLOP reductions of INC's published retrain-free rows (10% of MLP channels)
 RETRAIN_FREE_ONLY: list[tuple[str, dict[str, float]]] = [("FFN 10%", {"ffn": 0.1})]
 CHECKPOINTS = Path("checkpoints")
+ENCODER = r"net\.bert\.encoder\.layer\.\d+\..*"  # MiniLM's pruned layers
 
 
 def trainer_options() -> dict[str, Any]:
@@ -63,29 +64,18 @@ def trainer_options() -> dict[str, Any]:
     }
 
 
-def latency_ratio(dense: nn.Module, small: nn.Module, run: Callable[[nn.Module], Any], rounds: int = 15) -> float:
-    """Median over ``rounds`` of small's time / dense's time, the two run alternately (order swapped each round)."""
-    dense.eval()
-    small.eval()
-    ratios = []
-    with torch.no_grad():
-        for model in (dense, small, dense, small):  # warm-up
-            run(model)
-        for r in range(rounds):
-            times = {}
-            for name, model in (("d", dense), ("s", small)) if r % 2 == 0 else (("s", small), ("d", dense)):
-                start = time.perf_counter()
-                run(model)
-                times[name] = time.perf_counter() - start
-            ratios.append(times["s"] / times["d"])
-    return statistics.median(ratios)
+def latency_ratio(dense: nn.Module, small: nn.Module, x: torch.Tensor, rounds: int = 15) -> float:
+    """Median over ``rounds`` of small's time / dense's time on ``x``, the two run alternately."""
+    return latency({"dense": dense, "small": small}, x, rounds)["small"]
 
 
-def magnitude_masks(model: nn.Module, fractions: dict[str, float], include: str | None) -> dict[str, torch.Tensor]:
+def magnitude_masks(
+    model: nn.Module, fractions: dict[str, float], include: str | None, scope: str = "global"
+) -> dict[str, torch.Tensor]:
     """Whole units ranked by mean ``|w|`` (no data, no re-fit): the baseline for retrain-free pruning."""
     masks: dict[str, torch.Tensor] = {}
     for pattern, fraction in fractions.items():
-        pruner = Pruner(model, fraction, pattern, "magnitude", OneShot(step=0), include=include)
+        pruner = Pruner(model, fraction, pattern, "magnitude", OneShot(step=0), include=include, scope=scope)
         pruner.before_optimizer_step(0)
         masks.update(pruner.masks)
         pruner.close()
@@ -112,11 +102,37 @@ def _masks_of(callbacks: Sequence[Any]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("net."): v for cb in callbacks for k, v in cb.masks.items()}
 
 
+def _dense(data: BBCNewsData, steps: int, seed: int) -> Classifier:
+    """The dense fine-tuned MiniLM of ``seed``: trained ``steps`` steps once, then loaded from its cache."""
+    cache = CHECKPOINTS / f"minilm_bbc_{steps}_{seed}.pt"
+    dense = Classifier(MiniLM(), num_classes=5, lr=1e-4, weight_decay=0.01)
+    if cache.exists():
+        dense.load_state_dict(torch.load(cache, weights_only=True))
+    else:
+        _fit(dense, data, steps, [])
+        CHECKPOINTS.mkdir(exist_ok=True)
+        torch.save(dense.state_dict(), cache)
+    return dense
+
+
+def _retrain_free(
+    dense: Classifier, data: BBCNewsData, fractions: dict[str, float], calibration: int
+) -> tuple[Classifier, dict[str, torch.Tensor]]:
+    """A copy of ``dense`` pruned retrain-free (one callback per pattern), and its masks."""
+    model = copy.deepcopy(dense)
+    callbacks = [
+        OneShotPruning("retrain_free", f, p, calibration_batches=calibration, include=ENCODER, verbose=False)
+        for p, f in fractions.items()
+    ]
+    _fit(model, data, 0, callbacks)
+    return model, _masks_of(callbacks)
+
+
 def _slim_row(
     dense: nn.Module, model: Classifier, masks: dict[str, torch.Tensor], x: torch.Tensor, timed: bool = True
 ) -> dict[str, Any]:
     small, report = slim(model.net, masks, x[:4])
-    ratio = latency_ratio(dense, small, lambda m: m(x)) if timed else None
+    ratio = latency_ratio(dense, small, x) if timed else None
     return {
         "params": report["params_after"],
         "params_ratio": report["params_after"] / report["params_before"],
@@ -138,46 +154,33 @@ def minilm_rows(
     torch.manual_seed(seed)
     data = _data(seed)
     x = next(iter(data.test_dataloader()))[0][:16]  # latency at the training batch size
-    cache = CHECKPOINTS / f"minilm_bbc_{steps}_{seed}.pt"
-    dense = Classifier(MiniLM(), num_classes=5, lr=1e-4, weight_decay=0.01)
     start = time.perf_counter()
-    if cache.exists():
-        dense.load_state_dict(torch.load(cache, weights_only=True))
-    else:
-        _fit(dense, data, steps, [])
-        CHECKPOINTS.mkdir(exist_ok=True)
-        torch.save(dense.state_dict(), cache)
+    dense = _dense(data, steps, seed)
     rows = [
         {"method": "dense", "setting": "dense", "accuracy": _test(dense, data), "seconds": time.perf_counter() - start}
     ]
     rows[-1].update(params_ratio=1.0, macs_ratio=1.0, latency_ratio=1.0)
     print(json.dumps(rows[-1]), flush=True)
-    encoder = r"net\.bert\.encoder\.layer\.\d+\..*"
     for label, fractions in settings + (RETRAIN_FREE_ONLY if timed else []):
         # retrain-free from the dense fine-tuned model: no training at all
-        model = copy.deepcopy(dense)
-        callbacks = [
-            OneShotPruning("retrain_free", f, p, calibration_batches=calibration, include=encoder, verbose=False)
-            for p, f in fractions.items()
-        ]
         start = time.perf_counter()
-        _fit(model, data, 0, callbacks)
+        model, masks = _retrain_free(dense, data, fractions, calibration)
         row = {"method": "retrain-free", "setting": label, "seconds": time.perf_counter() - start}
-        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, _masks_of(callbacks), x, timed))
+        row.update(accuracy=_test(model, data), **_slim_row(dense.net, model, masks, x, timed))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if (label, fractions) in RETRAIN_FREE_ONLY:
             continue
         # the same units ranked by magnitude, no data and no re-fit
         model = copy.deepcopy(dense)
-        magnitude_masks(model, fractions, encoder)  # the pruned weights are zero now
+        magnitude_masks(model, fractions, ENCODER)  # the pruned weights are zero now
         row = {"method": "magnitude, no re-fit", "setting": label, "accuracy": _test(model, data)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         # pruned while fine-tuning from the pretrained model, the dense run's steps
         torch.manual_seed(seed)
         model = Classifier(MiniLM(), num_classes=5, lr=1e-4, weight_decay=0.01)
-        callbacks = [Pruning(f, p, "snip_momentum", include=encoder, verbose=False) for p, f in fractions.items()]
+        callbacks = [Pruning(f, p, "snip_momentum", include=ENCODER, verbose=False) for p, f in fractions.items()]
         start = time.perf_counter()
         _fit(model, data, steps, callbacks)
         row = {"method": "during fine-tuning", "setting": label, "seconds": time.perf_counter() - start}
@@ -204,17 +207,10 @@ def minilm_retime(
     fractions = dict(SETTINGS + RETRAIN_FREE_ONLY)[label]
     data = _data(seed)
     x = next(iter(data.test_dataloader()))[0]
-    dense = Classifier(MiniLM(), num_classes=5, lr=1e-4, weight_decay=0.01)
-    dense.load_state_dict(torch.load(CHECKPOINTS / f"minilm_bbc_{steps}_{seed}.pt", weights_only=True))
-    model = copy.deepcopy(dense)
-    encoder = r"net\.bert\.encoder\.layer\.\d+\..*"
-    callbacks = [
-        OneShotPruning("retrain_free", f, p, calibration_batches=calibration, include=encoder, verbose=False)
-        for p, f in fractions.items()
-    ]
-    _fit(model, data, 0, callbacks)
-    small, _ = slim(model.net, _masks_of(callbacks), x[:4])
-    return {b: latency_ratio(dense.net, small, lambda m, b=b: m(x[:b]), rounds) for b in batches}
+    dense = _dense(data, steps, seed)
+    model, masks = _retrain_free(dense, data, fractions, calibration)
+    small, _ = slim(model.net, masks, x[:4])
+    return {b: latency_ratio(dense.net, small, x[:b], rounds) for b in batches}
 
 
 # ---------------------------------------------------------------------------- the small Llama
@@ -264,7 +260,7 @@ def llama_rows(
             row.update(
                 params_ratio=report["params_after"] / report["params_before"],
                 macs_ratio=report["macs_after"] / report["macs_before"],
-                latency_ratio=latency_ratio(dense_llm, small, lambda m: m(input_ids=x)),
+                latency_ratio=latency_ratio(dense_llm, small, x),  # x: input_ids
             )
             if not callbacks:  # lock the magnitude masks for the fine-tune
                 from lightning_prune import PatternLock
