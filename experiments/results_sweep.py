@@ -97,7 +97,31 @@ def _cv_rows() -> list[dict[str, Any]]:
     for sparsity in (0.75, 0.5):
         name = f"1xchannel snip_momentum progressive {sparsity}"
         add(name, _ov("1xchannel", "snip_momentum", sparsity, "pruner=progressive"), group="ablation")
+    rows += _recovery_rows("", "unstructured", "magnitude", 0.9)
+    rows += _recovery_rows("", "4x1", "magnitude", 0.75)
     return rows
+
+
+# What recovers accuracy at high sparsity (issue 19), each switched on alone and together.
+RECOVERY = (
+    ("lr rewinding", ("rewind=lr",)),
+    ("weight rewinding", ("rewind=weights",)),
+    ("distillation", ("distill=kd",)),
+    ("lr rewinding + distillation", ("rewind=lr", "distill=kd")),
+)
+
+
+def _recovery_rows(prefix: str, pattern: str, criterion: str, sparsity: float) -> list[dict[str, Any]]:
+    """One row per recovery method of :data:`RECOVERY` on top of one pruning setting, three seeds each."""
+    return [
+        {
+            "name": f"{prefix}{pattern} {criterion} {sparsity}, {name}",
+            "overrides": _ov(pattern, criterion, sparsity, *extra),
+            "seeds": SEEDS,
+            "group": "recovery",
+        }
+        for name, extra in RECOVERY
+    ]
 
 
 def _nlp_rows() -> list[dict[str, Any]]:
@@ -129,7 +153,14 @@ def _ninety_rows(prefix: str, group: str) -> list[dict[str, Any]]:
 SUITES = {
     "cv": (CV_BASE, _cv_rows),
     "cvwide": (CV_WIDE_BASE, lambda: _ninety_rows("wide", "capacity")),
-    "cvlong": (CV_LONG_BASE, lambda: _ninety_rows("long", "budget")),
+    "cvlong": (
+        CV_LONG_BASE,
+        lambda: [
+            *_ninety_rows("long", "budget"),
+            *_recovery_rows("long ", "unstructured", "magnitude", 0.9),
+            *_recovery_rows("long ", "4x1", "magnitude", 0.75),
+        ],
+    ),
     "nlp": (NLP_BASE, _nlp_rows),
 }
 
@@ -138,7 +169,7 @@ def command(suite: str, row: dict[str, Any], seed: int, out: Path) -> list[str]:
     base, _ = SUITES[suite]
     slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in row["name"])
     run_dir = out / "runs" / f"{slug}-s{seed}"
-    overrides = [*base, *row["overrides"], f"seed={seed}"]
+    overrides = [*base, *row["overrides"], f"seed={seed}", f"dense_cache={out / 'dense_baselines'}"]
     return [sys.executable, "experiments/train.py", *overrides, f"hydra.run.dir={run_dir}"]
 
 
@@ -180,7 +211,7 @@ def main() -> None:
                 "name": row["name"],
                 "group": row["group"],
                 "seed": seed,
-                "command": "python " + " ".join(cmd[1:-1]),
+                "command": "python " + " ".join(cmd[1:-2]),  # without the run and dense-cache folders
                 "wall_s": round(wall, 1),
                 **{k: res[k] for k in ("pruner", "pattern", "criterion", "schedule", "target_sparsity", "sparsity")},
                 **{k: res[k] for k in ("accuracy", "seconds", "dense_accuracy", "dense_seconds", "steps")},

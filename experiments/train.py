@@ -120,6 +120,13 @@ def _dense_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def teacher(cfg: DictConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The distillation teacher: the model with the dense baseline's weights, or its ``distill.module`` part."""
+    model = instantiate(cfg.model)
+    model.load_state_dict(state, strict=True)
+    return model.get_submodule(cfg.distill.module) if cfg.distill.get("module") else model
+
+
 def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -196,12 +203,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = int(cfg.steps if steps is None and not oneshot else steps or 0)
     if steps < 0:
         raise ValueError(f"finetune_steps={steps} is not valid; choose a number of optimizer steps >= 0, or null")
-    dense = dense_baseline(cfg, out, weights=oneshot and not cfg.init_from)
-    start = cfg.init_from or (dense or {}).get("state")
+    extra = [instantiate(cfg.rewind)] if cfg.get("rewind") else []
+    distill = bool(cfg.get("distill"))
+    if distill and cfg.dense == "skip":
+        raise ValueError("distill=kd is taught by the run's dense baseline: use dense=reuse or dense=train, not skip")
+    dense = dense_baseline(cfg, out, weights=(oneshot and not cfg.init_from) or distill)
+    if distill:
+        extra.append(instantiate(cfg.distill, teacher=teacher(cfg, dense["state"])))
+    # the pruned run starts from init_from, or (one-shot pruners) the dense weights; else from initialisation
+    start = cfg.init_from or ((dense or {}).get("state") if oneshot else None)
     trace = SparsityTrace(pruner)
     verb = f"pruned by {pruner.method}, then " if oneshot else ""
-    _say(f"pruned: {verb}training {steps} steps with {type(pruner).__name__} ...")
-    pruned = _fit_and_test(cfg, [pruner, trace], start, max_steps=steps)
+    what = "".join(f" and {type(cb).__name__}" for cb in extra)
+    _say(f"pruned: {verb}training {steps} steps with {type(pruner).__name__}{what} ...")
+    pruned = _fit_and_test(cfg, [pruner, trace, *extra], start, max_steps=steps)
     trainer, model = pruned["trainer"], pruned["model"]
     if not cfg.trainer.get("fast_dev_run"):
         trainer.save_checkpoint(out / "pruned.ckpt", weights_only=True)  # every rank calls it; rank zero writes

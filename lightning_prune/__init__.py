@@ -18,9 +18,18 @@ from lightning_prune.engine import MaskLock, ProgressivePruner, Pruner
 from lightning_prune.report import SparsityRow, format_report, sparsity_report
 
 if TYPE_CHECKING:
-    from lightning_prune.callbacks import GroupLasso, OneShotPruning, PatternLock, ProgressivePruning, Pruning
+    from lightning_prune.callbacks import (
+        Distillation,
+        GroupLasso,
+        OneShotPruning,
+        PatternLock,
+        ProgressivePruning,
+        Pruning,
+        Rewind,
+    )
 
 __all__ = [
+    "Distillation",
     "GroupLasso",
     "MaskLock",
     "OneShotPruning",
@@ -29,13 +38,22 @@ __all__ = [
     "ProgressivePruning",
     "Pruner",
     "Pruning",
+    "Rewind",
     "SparsityRow",
     "format_report",
     "sparsity_report",
 ]
 __version__ = "0.1.0"
 
-_CALLBACKS = ("GroupLasso", "OneShotPruning", "PatternLock", "ProgressivePruning", "Pruning")
+_CALLBACKS = (
+    "Distillation",
+    "GroupLasso",
+    "OneShotPruning",
+    "PatternLock",
+    "ProgressivePruning",
+    "Pruning",
+    "Rewind",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -210,6 +210,10 @@ class MaskKeeper:
             self._zero_weights()
             self._stepped = False
 
+    def zero_pruned(self) -> None:
+        """Set the pruned weights to zero now, e.g. after something else wrote the weights."""
+        self._zero_weights()
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Masks and the configuration; a loaded state is returned as is until :meth:`bind` takes it."""
