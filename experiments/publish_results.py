@@ -2,17 +2,17 @@
 
 Usage: python experiments/publish_results.py [--results outputs/results] [--docs docs]
 
-Reads ``<results>/<suite>/rows.jsonl`` (cv, cvwide, cvlong, nlp), copies them to
-``<docs>/results/<suite>.jsonl`` so that the published numbers travel with the repository, draws the Pareto
-plots into ``<docs>/images`` and prints the markdown tables (mean ± std over seeds where a row has several)
-and the per-row commands for RESULTS.md.
+Reads ``<results>/<suite>/rows.jsonl`` (cv, cvwide, cvlong, nlp, tweets) and merges them into
+``<docs>/results/<suite>.jsonl`` (a run of a row and seed replaces the published one; rows not run again are
+kept), so that the published numbers travel with the repository; draws the Pareto plots and the recovery
+ablation into ``<docs>/images`` and prints the markdown tables (mean ± std over seeds where a row has
+several) and the per-row commands for RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -32,6 +32,13 @@ from experiments.results_sweep import SUITES  # noqa: E402
 
 def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def merge(published: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The published records with each (row, seed) run again replaced by its newest run, new ones appended."""
+    latest = {(r["name"], r["seed"]): r for r in new}
+    out = [latest.pop((r["name"], r["seed"]), r) for r in published]
+    return out + list(latest.values())
 
 
 def by_row(records: list[dict[str, Any]], suite: str) -> dict[str, list[dict[str, Any]]]:
@@ -108,6 +115,26 @@ def pareto(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def recovery_plot(panels: list[tuple[str, dict[str, list[dict[str, Any]]], list[str]]], path: Path) -> None:
+    """One panel per pruning setting: Δ vs dense (mean ± std over seeds) of each row, the dense line at 0."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, rows, names) in zip(axes[0], panels):
+        present = [n for n in names if n in rows]
+        means = [100 * statistics.mean(summary(rows[n])["delta"]) for n in present]
+        stds = [100 * statistics.stdev(summary(rows[n])["delta"]) if len(rows[n]) > 1 else 0.0 for n in present]
+        colors = ["tab:gray" if "ModelPruning" in n else "tab:blue" if "," not in n else "tab:green" for n in present]
+        ax.barh(range(len(present)), means, xerr=stds, color=colors, capsize=3)
+        ax.set_yticks(range(len(present)), [n.split(", ", 1)[-1] if "," in n else n for n in present], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0, color="black", lw=1)
+        ax.set_xlabel("Δ accuracy vs dense, points (3 seeds)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=ROOT / "outputs" / "results")
@@ -116,16 +143,17 @@ def main() -> None:
     (args.docs / "results").mkdir(parents=True, exist_ok=True)
     (args.docs / "images").mkdir(parents=True, exist_ok=True)
     suites = {}
-    for suite in ("cv", "cvwide", "cvlong", "nlp"):
-        ledger = args.results / suite / "rows.jsonl"
-        if ledger.exists():
-            shutil.copy(ledger, args.docs / "results" / f"{suite}.jsonl")
-        suites[suite] = by_row(load(args.docs / "results" / f"{suite}.jsonl"), suite)
+    for suite in ("cv", "cvwide", "cvlong", "nlp", "tweets"):
+        published = args.docs / "results" / f"{suite}.jsonl"
+        records = merge(load(published), load(args.results / suite / "rows.jsonl"))
+        if records:
+            published.write_text("".join(json.dumps(r) + "\n" for r in records))
+        suites[suite] = by_row(records, suite)
     for suite, title in (("cv", "Fashion-MNIST, ResNet-style CNN"), ("nlp", "MiniLM-L6 on BBC News")):
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
     for suite, rows in suites.items():
-        for group in ("grid", "one-shot", "schedule", "ablation", "capacity", "budget", "nlp"):
+        for group in ("grid", "one-shot", "schedule", "ablation", "recovery", "capacity", "budget", "nlp", "tweets"):
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
             if names:
                 print(f"\n### {suite} {group}\n")

