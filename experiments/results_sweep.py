@@ -109,7 +109,7 @@ def _cv_rows() -> list[dict[str, Any]]:
     for name, extra in (
         ("lr rewinding to the peak (step 180)", (*lr, "rewind.rewind_to=180")),
         ("lr rewinding, window ends at 40%", (*lr, "schedule.end_step=240")),
-        ("lr rewinding + distillation T=4 alpha=0.9", (*lr, "distill=kd", "distill.temperature=4", "distill.alpha=0.9")),
+        ("lr rewinding + distillation T=4 alpha=0.9", (*BEST, "distill.temperature=4", "distill.alpha=0.9")),
     ):
         add(f"unstructured magnitude 0.9, {name}", _ov("unstructured", "magnitude", 0.9, *extra), group="recovery")
     return rows
