@@ -115,6 +115,33 @@ def pareto(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+_U9 = "unstructured magnitude 0.9"
+_RECOVERED = ("lr rewinding", "weight rewinding", "distillation", "lr rewinding + distillation")
+_BEST = "lr rewinding + distillation"
+# The recovery ablation (issue 19): per pruning setting, the rows compared in one panel of results_recovery.png.
+RECOVERY_PANELS = [
+    ("cv", "CV, 600 steps: unstructured 90%", [_U9, *(f"{_U9}, {r}" for r in _RECOVERED), "ModelPruning 0.9"]),
+    ("cv", "CV, 600 steps: 4x1 75%", ["4x1 magnitude 0.75", f"4x1 magnitude 0.75, {_BEST}"]),
+    ("cvlong", "CV, 1800 steps: unstructured 90%", [f"long {_U9}", f"long {_U9}, {_BEST}", "long ModelPruning 0.9"]),
+    (
+        "nlp",
+        "MiniLM-L6, BBC News: 2:4",
+        ["2:4 snip_momentum 0.5", f"2:4 snip_momentum 0.5, {_BEST}", "2:4 snip_momentum 0.5, window ends at 40%"],
+    ),
+    (
+        "tweets",
+        "MiniLM-L6, tweet sentiment",
+        [
+            "4x1 snip_momentum 0.8",
+            f"4x1 snip_momentum 0.8, {_BEST}",
+            "ModelPruning 0.8",
+            "2:4 snip_momentum 0.5",
+            f"2:4 snip_momentum 0.5, {_BEST}",
+        ],
+    ),
+]
+
+
 def recovery_plot(panels: list[tuple[str, dict[str, list[dict[str, Any]]], list[str]]], path: Path) -> None:
     """One panel per pruning setting: Δ vs dense (mean ± std over seeds) of each row, the dense line at 0."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
@@ -152,6 +179,13 @@ def main() -> None:
     for suite, title in (("cv", "Fashion-MNIST, ResNet-style CNN"), ("nlp", "MiniLM-L6 on BBC News")):
         if suites[suite]:
             pareto(suites[suite], args.docs / "images" / f"results_{suite}_pareto.png", title)
+    panels = [
+        (title, suites[suite], [n for n in names if n in suites[suite]])
+        for suite, title, names in RECOVERY_PANELS
+        if any(n in suites[suite] for n in names)
+    ]
+    if panels:
+        recovery_plot(panels, args.docs / "images" / "results_recovery.png")
     for suite, rows in suites.items():
         for group in ("grid", "one-shot", "schedule", "ablation", "recovery", "capacity", "budget", "nlp", "tweets"):
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
