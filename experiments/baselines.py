@@ -5,7 +5,9 @@ epochs. To compare at the same final sparsity and training budget, ``amount`` is
 prunes the same share of what remains at each epoch end inside the first ``window`` of the run, so that the
 sparsity reaches the target there and the rest of the run fine-tunes, as our iterative schedule does. Only
 the weights of Linear and Conv layers (``include``/``exclude`` as for ``Pruning``) are pruned; its default
-would also prune biases and norm weights.
+would also prune biases and norm weights. A run shorter than an epoch has no epoch end to prune at; there
+``every_n_steps`` runs ModelPruning's own pruning step (its ``amount`` and lottery-ticket reset) every N
+optimizer steps instead, the events a user would get from epochs of N steps.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class LightningModelPruning(ModelPruning):
         exclude: regexes over module names, as for ``Pruning``.
         lottery_ticket: ModelPruning's ``use_lottery_ticket_hypothesis`` (its default, True): at every event
             the weights left are reset to their values at the start of training.
+        every_n_steps: prune every N optimizer steps inside the window instead of at epoch ends (for runs
+            shorter than an epoch); None: at epoch ends, as ModelPruning does.
 
     Example:
         >>> cb = LightningModelPruning(0.9)
@@ -50,7 +54,10 @@ class LightningModelPruning(ModelPruning):
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         lottery_ticket: bool = True,
+        every_n_steps: int | None = None,
     ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a number of steps >= 1 or None, got {every_n_steps!r}")
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity!r}")
         if not 0.0 < window <= 1.0:
@@ -66,6 +73,9 @@ class LightningModelPruning(ModelPruning):
         self.window = window
         self.schedule = f"every epoch end in the first {window:.0%} of the run"
         self.include, self.exclude = include, exclude
+        self.every_n_steps = every_n_steps
+        if every_n_steps is not None:
+            self.schedule = f"every {every_n_steps} steps in the first {window:.0%} of the run"
         self._epochs = 1
         self._model: nn.Module | None = None
         self._names: list[str] = []
@@ -85,10 +95,21 @@ class LightningModelPruning(ModelPruning):
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Count the epoch ends that fall inside the window."""
+        """Count the events (epoch ends, or every ``every_n_steps``) that fall inside the window."""
         steps_per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
         window_steps = self.window * trainer.max_steps
-        self._epochs = max(1, math.floor(window_steps / steps_per_epoch))
+        self._epochs = max(1, math.floor(window_steps / (self.every_n_steps or steps_per_epoch)))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelPruning's epoch-end pruning, unless events come every N steps."""
+        if self.every_n_steps is None:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        """Every ``every_n_steps`` optimizer steps: ModelPruning's own pruning step, as at an epoch end."""
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._run_pruning(step // self.every_n_steps - 1)
 
     # ------------------------------------------------------------------ views used by experiments/train.py
     @property

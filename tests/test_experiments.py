@@ -244,6 +244,18 @@ def test_model_pruning_baseline_reaches_the_target_at_epoch_ends(tmp_path):
     assert out["layers"] and all(row["pattern"] == "unstructured" for row in out["layers"])
 
 
+def test_model_pruning_baseline_every_n_steps_in_a_run_shorter_than_an_epoch(tmp_path):
+    """With every_n_steps the baseline prunes every N steps inside its window, as at epoch ends: 12 steps of a
+    64-step epoch, events at steps 3 and 6 (the window is the first 7.2 steps), the target reached at 6."""
+    overrides = tiny(tmp_path, "pruner=model_pruning", "pruner.target_sparsity=0.7", "steps=12", "dense=skip")
+    out = run(configure(tmp_path, [*overrides, "data.batch_size=1", "pruner.every_n_steps=3"]))
+    assert out["sparsity"] == pytest.approx(0.7, abs=0.01)
+    trace = [row["achieved"] for row in out["trace"]]
+    assert [row["step"] for a, row in zip([0.0, *trace], out["trace"]) if row["achieved"] > a] == [2, 5]
+    with pytest.raises(ValueError, match="every_n_steps must be a number of steps >= 1 or None, got 0"):
+        LightningModelPruning(0.5, every_n_steps=0)
+
+
 @pytest.mark.parametrize("rewind", [True, False])
 def test_model_pruning_lottery_ticket_switch(rewind):
     """ModelPruning rewinds the kept weights to their initial values at each event by default; the switch
