@@ -103,6 +103,15 @@ def test_default_at_is_the_step_after_the_last_pruning_event():
     assert used[10] < used[11]
 
 
+def test_default_at_with_a_derived_schedule_and_rewind_listed_first():
+    module = scheduled()
+    prune = Pruning(0.5, "unstructured", "magnitude", schedule=None)  # derived from the run's length at bind
+    rewind = Rewind(rewind_to=0)
+    with pytest.warns(UserWarning, match=r"step 24 is the end of the run, so nothing is trained after rewinding"):
+        make_trainer([rewind, prune], max_steps=TOTAL).fit(module, one_batch(module))
+    assert rewind.start == prune.pruner.resolved_schedule.end + 1 == TOTAL and not rewind.rewound
+
+
 def test_weight_rewinding_resets_kept_weights_and_keeps_pruned_ones_zero():
     module = scheduled()
     prune = Pruning(0.5, "unstructured", "magnitude", Iterative(start_step=0, end_step=10, frequency=5))

@@ -11,12 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_prune.callbacks.masked import MaskedWeights
 from lightning_prune.callbacks.pruning import Pruning
+from lightning_prune.schedules import default_schedule
 from lightning_prune.sharding import is_dtensor
 
 __all__ = ["Rewind", "warped_step"]
@@ -129,18 +130,23 @@ class Rewind(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Resolve ``at``, record the schedule (fresh runs), check the weights can be copied."""
-        self._start = self.at if self.at is not None else self._after_pruning(trainer)
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "Rewind replays the learning-rate schedule up to the end of the run, but its length is not known: "
                 "set Trainer(max_steps=N)"
             )
         self._total = int(total)
+        self._start = self.at if self.at is not None else self._after_pruning(trainer, self._total)
         if not self.rewind_to <= self._start <= self._total:
             raise ValueError(
                 f"Rewind(rewind_to={self.rewind_to}) at step {self._start} of a {self._total}-step run: choose "
                 f"rewind_to <= at <= {self._total}"
+            )
+        if self._start >= self._total:
+            rank_zero_warn(
+                f"Rewind: step {self._start} is the end of the run, so nothing is trained after rewinding (the "
+                "pruning schedule ends at the last step?): end it earlier, e.g. Iterative(end_step=0.6 * steps)"
             )
         if self.weights and any(is_dtensor(p) for p in pl_module.parameters()):
             raise ValueError(
@@ -205,16 +211,15 @@ class Rewind(Callback):
         self._rewound = bool(state_dict.get("rewound", False))
 
     # ------------------------------------------------------------------ helpers
-    def _after_pruning(self, trainer: pl.Trainer) -> int:
+    def _after_pruning(self, trainer: pl.Trainer, total: int) -> int:
         pruners = [cb for cb in trainer.callbacks if isinstance(cb, Pruning)]  # type: ignore[attr-defined]
         if len(pruners) != 1:
             raise ValueError(
                 f"Rewind(at=None) rewinds after the last event of the trainer's Pruning callback, and the trainer "
                 f"has {len(pruners)}: pass at=<the first step to train after rewinding>"
             )
-        schedule = pruners[0].pruner.resolved_schedule
-        if schedule is None:
-            raise ValueError("Rewind(at=None): the Pruning callback has no schedule yet; pass at=<step>")
+        # schedule=None: the one Pruning derives from the run's length (it may bind after this callback)
+        schedule = pruners[0].pruner.resolved_schedule or default_schedule(total)
         return int(schedule.end) + 1
 
     @staticmethod
