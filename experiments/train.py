@@ -157,12 +157,13 @@ def dense_baseline(cfg: DictConfig, out: Path, weights: bool = False) -> dict[st
     _say(f"dense:  training {cfg.steps} steps ...")
     result = _fit_and_test(cfg.copy(), [], cfg.init_from)
     record = {"accuracy": result["accuracy"], "seconds": result["seconds"]}
-    # the weights are copied and written only for the runs that start from them (one-shot pruners)
-    state = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()} if weights else {}
+    # the weights are kept too, so that a later run that starts from them (one-shot pruners) or learns from them
+    # (distillation) reuses this very baseline instead of training another one
+    state = {k: v.detach().cpu().clone() for k, v in result["model"].state_dict().items()}
     if result["trainer"].is_global_zero:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(record))
-        if state and not any(hasattr(v, "full_tensor") for v in state.values()):  # a sharded model is not kept
+        if not any(hasattr(v, "full_tensor") for v in state.values()):  # a sharded model is not kept
             torch.save(state, saved)
     return {**record, "state": state} if weights else record
 
