@@ -72,11 +72,19 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def table(rows: dict[str, list[dict[str, Any]]], names: list[str]) -> list[str]:
+def table(rows: dict[str, list[dict[str, Any]]], names: list[str], dense: bool = False) -> list[str]:
+    """A markdown table of ``names``; with ``dense``, a first line for the dense baseline of their seeds."""
     out = [
         "| run | sparsity | accuracy % | Δ vs dense (points) | seeds | training time per run |",
         "|---|---|---|---|---|---|",
     ]
+    if dense:
+        baseline = {r["seed"]: r for name in names for r in reversed(rows[name])}
+        runs = [baseline[seed] for seed in sorted(baseline)]
+        out.append(
+            f"| dense | 0 | {pm([r['dense_accuracy'] for r in runs])} | | {','.join(map(str, sorted(baseline)))} | "
+            f"{statistics.mean(r['dense_seconds'] or 0.0 for r in runs):.0f} s |"
+        )
     for name in names:
         s = summary(rows[name])
         out.append(
@@ -191,7 +199,7 @@ def main() -> None:
             names = [n for n, runs in rows.items() if runs[0]["group"] == group]
             if names:
                 print(f"\n### {suite} {group}\n")
-                print("\n".join(table(rows, names)))
+                print("\n".join(table(rows, names, dense=group in ("recovery", "budget", "tweets"))))
         print(f"\n### {suite} commands\n")
         for name, runs in rows.items():
             print(f"- {name}: `{runs[0]['command']}`" + (" (seeds " + ",".join(str(r["seed"]) for r in runs) + ")"))

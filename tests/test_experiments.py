@@ -595,3 +595,21 @@ def test_the_sharded_llama_example_prunes_and_consolidates(tmp_path):
     assert "sparsity 0.5000 over 28 projections" in done.stdout
     assert "loads into the plain LlamaForCausalLM (strict)" in done.stdout
     assert (tmp_path / "pruned.ckpt").is_file()
+
+
+def test_publish_merges_newest_runs_and_tables_the_dense_baseline() -> None:
+    from experiments.publish_results import merge, table
+
+    def record(name: str, seed: int, acc: float, dense: float) -> dict:
+        return {"name": name, "seed": seed, "accuracy": acc, "dense_accuracy": dense, "sparsity": 0.9}
+
+    published = [record("a", 0, 0.80, 0.90), record("b", 0, 0.70, 0.90)]
+    merged = merge(published, [record("a", 0, 0.85, 0.88), record("a", 1, 0.83, 0.86)])
+    assert [(r["name"], r["seed"], r["accuracy"]) for r in merged] == [("a", 0, 0.85), ("b", 0, 0.70), ("a", 1, 0.83)]
+    for r in merged:
+        r.update(seconds=10.0, dense_seconds=20.0)
+    rows = {"a": [merged[0], merged[2]]}
+    lines = table(rows, ["a"], dense=True)
+    assert lines[2] == "| dense | 0 | 87.00 ± 1.41 | | 0,1 | 20 s |"
+    assert lines[3].startswith("| a | 0.900 | 84.00 ± 1.41 | -3.00 ± 0.00 | 0,1 |")
+    assert len(table(rows, ["a"])) == 3
