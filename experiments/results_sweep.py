@@ -126,6 +126,8 @@ RECOVERY = (
     ("weight rewinding", ("rewind=weights",)),
     ("distillation", ("distill=kd",)),
     ("lr rewinding + distillation", ("rewind=lr", "distill=kd")),
+    ("feedback", ("pruner.feedback=true",)),
+    ("feedback + lr rewinding + distillation", ("pruner.feedback=true", "rewind=lr", "distill=kd")),
 )
 
 

@@ -70,7 +70,7 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
     """``state`` with its markers replaced by the tensors saved in the distributed checkpoint at ``path``.
 
     Each entry is loaded into a template placed like the target it belongs to (its name is the part of the
-    key after ``masks.`` or ``states.``), so that the checkpoint re-shards to this run's layout: another
+    key after ``masks.``, ``states.`` or ``dense.``), so that the checkpoint re-shards to this run's layout: another
     world size, or an unsharded model.
     """
     import torch.distributed.checkpoint as dcp
@@ -90,7 +90,7 @@ def _load_sharded(state: Mapping[str, Any], model: torch.nn.Module, path: Any) -
         meta = saved.get(f"state_dict.{key}")
         if not isinstance(meta, TensorStorageMetadata):
             raise ValueError(f"the distributed checkpoint at {path} lacks {key!r}, which the callback state names")
-        fqn = entry[1] if entry and entry[0] in ("masks", "states") and len(entry) > 1 else ""
+        fqn = entry[1] if entry and entry[0] in ("masks", "states", "dense") and len(entry) > 1 else ""
         templates[key] = template_like(params.get(fqn), tuple(meta.size), meta.properties.dtype)
         where[key] = entry
     dcp.load({"state_dict": templates}, checkpoint_id=str(path))

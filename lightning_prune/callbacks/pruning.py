@@ -49,6 +49,10 @@ class Pruning(MaskedWeights):
         log_per_layer: also log ``prune/sparsity/<name>`` for every target at each event.
         regularization: a :class:`~lightning_prune.regularization.GroupLasso`, applied to the targets' groups
             of ``pattern`` after every optimizer step inside the pruning window.
+        feedback: dynamic pruning with feedback (Lin et al. 2020, arXiv:2006.07253): inside the window the
+            optimizer steps the dense weights with the pruned model's gradient and every event chooses the
+            masks afresh, so pruned weights can come back; from the last event on, masks are final. See
+            :class:`~lightning_prune.Pruner`.
         verbose: print the per-layer sparsity table at the end of training.
 
     Raises:
@@ -76,6 +80,7 @@ class Pruning(MaskedWeights):
         max_sparsity_per_layer: float = 0.98,
         log_per_layer: bool = False,
         regularization: Regularization | None = None,
+        feedback: bool = False,
         verbose: bool = True,
     ) -> None:
         settings = {
@@ -89,6 +94,7 @@ class Pruning(MaskedWeights):
             "min_sparsity_per_layer": min_sparsity_per_layer,
             "max_sparsity_per_layer": max_sparsity_per_layer,
             "regularization": regularization,
+            "feedback": feedback,
         }
         super().__init__(self._engine(target_sparsity, settings), verbose)
         self.log_per_layer = log_per_layer
@@ -106,6 +112,7 @@ class Pruning(MaskedWeights):
     min_sparsity_per_layer = FromEngine()
     max_sparsity_per_layer = FromEngine()
     regularization = FromEngine()
+    feedback = FromEngine()
 
     # ------------------------------------------------------------------ the engine's settings
     @property

@@ -58,9 +58,11 @@ class Event:
 class Pruner(MaskKeeper):
     """Prune a model while it trains (SPEC.md): pattern, criterion, schedule and scope, from any training loop.
 
-    Masks are kept per target (True = kept) and only ever lose entries. Pruned weights are exactly zero after
-    every optimizer step; their gradients are zeroed before it. Parameter names never change. The state
-    (masks, running scores, schedule position) round-trips through :meth:`state_dict`.
+    Masks are kept per target (True = kept) and only ever lose entries (with ``feedback``, they are chosen
+    afresh at every event until the last). Pruned weights are exactly zero after every optimizer step; their
+    gradients are zeroed before it (with ``feedback``, from the last event on). Parameter names never change.
+    The state (masks, running scores, schedule position, feedback's dense weights) round-trips through
+    :meth:`state_dict`.
 
     Args:
         model: the model to prune, or None to :meth:`bind` one later (e.g. once its layers exist).
@@ -82,6 +84,13 @@ class Pruner(MaskKeeper):
         regularization: e.g. :class:`~lightning_prune.regularization.GroupLassoStep` (or the ``GroupLasso``
             callback), applied to the targets' groups of ``pattern`` at every optimizer step of the window.
         total_steps: the run's optimizer steps, needed only with ``schedule=None``.
+        feedback: dynamic pruning with feedback (Lin et al. 2020, "Dynamic Model Pruning with Feedback",
+            arXiv:2006.07253). Inside the pruning window the forward pass still sees the pruned model, but the
+            optimizer steps the dense weights with its gradient, ``W ← W − lr · ∇L(W ⊙ M)``, and every event
+            chooses the masks afresh from the dense weights, so a weight pruned too early comes back. After the
+            last event the masks are final and pruned weights stay zero, as without feedback. Holds one copy of
+            the targets during the window. Patterns whose units lie inside one weight only (unstructured,
+            NxM, N:M); not with ``regularization``.
 
     Raises:
         ValueError: an argument out of range or unknown (the message names it, shows it and lists choices);
@@ -121,6 +130,7 @@ class Pruner(MaskKeeper):
         max_sparsity_per_layer: float = 0.98,
         regularization: Regularization | None = None,
         total_steps: int | None = None,
+        feedback: bool = False,
     ) -> None:
         self.target_sparsity = check_fraction("target_sparsity", target_sparsity, upper_open=True)
         self.pattern = parse_pattern(pattern)
@@ -159,6 +169,11 @@ class Pruner(MaskKeeper):
                 f"regularization (group lasso) does not apply to pattern '{self.pattern}', whose units span several "
                 "weights; use regularization=None, or a single-weight pattern ('1xchannel', '4x1', ...)"
             )
+        if not isinstance(feedback, bool):
+            raise TypeError(f"feedback must be True or False, got {type(feedback).__name__} {feedback!r}")
+        if feedback:
+            self._check_feedback(regularization)
+        self.feedback = feedback
         if regularization is not None:
             regularization.attach(self, self.pattern)
         self.regularization = regularization
@@ -172,6 +187,10 @@ class Pruner(MaskKeeper):
         self._states: TargetStates | None = None
         self._set_up = False  # the criterion's setup ran and its teardown did not yet
         self._coupling: Coupling | None = None
+        # feedback: what the optimizer made of every target, pruned entries included (this rank's shards),
+        # from the first event to the last; and whether the targets hold those dense values right now.
+        self._dense: list[Tensor] = []
+        self._densified = False
         if model is not None:
             self.bind(model, total_steps=total_steps)
 
@@ -213,6 +232,7 @@ class Pruner(MaskKeeper):
             "min_sparsity_per_layer": self.min_sparsity_per_layer,
             "max_sparsity_per_layer": self.max_sparsity_per_layer,
             "regularization": repr(self.regularization),
+            "feedback": self.feedback,
             **super().config(),
         }
 
@@ -273,6 +293,21 @@ class Pruner(MaskKeeper):
     def _check_schedule(self, schedule: Schedule | None) -> None:
         """Raise if ``schedule`` cannot drive this pruner (subclasses add their own rules)."""
 
+    def _check_feedback(self, regularization: Regularization | None) -> None:
+        """Raise if ``feedback=True`` cannot work with the other settings."""
+        refused = None
+        if self.element_scores:
+            refused = f"{type(self).__name__}, whose interval masks cut units between events"
+        elif isinstance(self.pattern, Coupled) or self.pattern.output_units:
+            refused = f"pattern '{self.pattern}', whose pruned units also zero other parameters (biases, norms)"
+        elif regularization is not None:
+            refused = "regularization (group lasso shrinks the groups that feedback would bring back)"
+        if refused is not None:
+            raise ValueError(
+                f"feedback=True does not work with {refused}; use feedback=False, or a pattern whose units lie "
+                "inside one weight ('unstructured', 'NxM' such as '4x1', 'N:M' such as '2:4')"
+            )
+
     def _check_target(self, fqn: str, param: nn.Parameter) -> None:
         pattern = self._pattern_for(fqn)
         assert pattern is not None
@@ -323,11 +358,13 @@ class Pruner(MaskKeeper):
                 restored = [
                     states.restore(v.fqn, saved[v.fqn], w, self._boxes.get(v.fqn)) for v, w in zip(views, weights)
                 ]
+            dense = self._checked_dense(state.get("dense"))
         self._teardown_criterion()
         if self._coupling is not None and self._coupling.watching:
             self._coupling.stop()  # hooks of an earlier binding that never saw a step
         if state is not None:
             self._masks, self._last_event = masks, int(state["last_event"])
+            self._dense, self._densified = dense, False
             for view, values in zip(views, restored or []):
                 view.state.update(values)
         elif carried:
@@ -337,11 +374,30 @@ class Pruner(MaskKeeper):
         else:
             super()._adopt(model, None, False)
             self._last_event = -1
+            self._dense, self._densified = [], False
         self._views, self._states = views, states
         if not self.finished:
             self._setup_criterion()
         if self.pattern.output_units:
             self._coupling = Coupling(model, self._targets)
+
+    def _checked_dense(self, saved: Mapping[str, Tensor] | None) -> list[Tensor]:
+        """Feedback's dense weights from a checkpoint, checked against the targets (this rank's boxes)."""
+        if not saved:
+            return []
+        if set(saved) != set(self._targets):
+            raise ValueError(
+                f"checkpoint dense weights name {sorted(saved)}, but the targets are {sorted(self._targets)}"
+            )
+        dense = []
+        for fqn, param in self._targets.items():
+            value = saved[fqn]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"checkpoint dense weight for '{fqn}' has shape {tuple(value.shape)}, weight {tuple(param.shape)}"
+                )
+            dense.append(self._local_box(fqn, value).to(device=param.device, dtype=param.dtype).clone())
+        return dense
 
     def _collecting(self) -> bool:
         schedule = self._resolved
@@ -389,19 +445,30 @@ class Pruner(MaskKeeper):
         if not self._targets:
             raise RuntimeError("the Pruner has no model yet: pass one to Pruner(...) or call bind(model) first")
         self._stop_watching()
+        if self._dense:
+            self._densify()  # feedback: the step (and any event) sees the dense weights
         event = None
         if not (self.skip_nonfinite and not self._gradients_finite()):
             event = self._advance(step)
         self._next_step = step + 1
         self._open_window()
-        self._mask_gradients(optimizer)
+        if self._dense:
+            self._stepped = True  # the step moves the dense weights; after it they are kept and zeroed again
+        else:
+            self._mask_gradients(optimizer)
         schedule = self._resolved
         if self.regularization is not None and schedule is not None and schedule.start <= step <= schedule.end:
             self.regularization.before_step(self._targets, optimizer)
         return event
 
     def after_optimizer_step(self) -> None:
-        """Keep pruned weights at zero; then the regularization step, if any (pruned groups have norm 0)."""
+        """Keep pruned weights at zero; then the regularization step, if any (pruned groups have norm 0).
+
+        With ``feedback`` inside the window, what the optimizer made of the pruned weights is kept first.
+        """
+        if self._densified:
+            torch._foreach_copy_(self._dense, [w.detach() for w in self._local_weights()])
+            self._densified = False
         super().after_optimizer_step()
         if self.regularization is not None:
             self.regularization.after_step(self._targets)
@@ -430,9 +497,12 @@ class Pruner(MaskKeeper):
         if index <= self._last_event:
             return None
         scheduled = schedule.sparsity(index, self.target_sparsity)
-        self._prune(scheduled)
-        self._last_event = index
         last = index == schedule.num_events - 1
+        if self.feedback:
+            self._reselect(scheduled, last)
+        else:
+            self._prune(scheduled)
+        self._last_event = index
         if last:  # no event left: running states, hooks and scratch memory are no longer needed
             self.close()
             TargetStates.release(self._views)
@@ -445,8 +515,36 @@ class Pruner(MaskKeeper):
             mask.logical_and_(~pruned)
         self._masks_changed()
 
-    def _current_scores(self) -> list[Tensor]:
-        """The criterion's scores, -inf where pruned: per element, or per unit where states are kept so."""
+    @torch.no_grad()
+    def _reselect(self, sparsity: float, last: bool) -> None:
+        """Feedback: masks chosen afresh from the dense weights (the targets hold them now); pruned ones zeroed.
+
+        Until the last event the dense weights are kept and written back for the coming optimizer step.
+        """
+        if not self._densified:  # the first event: the targets are dense already
+            self._dense = [w.detach().clone() for w in self._local_weights()]
+            self._densified = True
+        fresh = [torch.ones_like(mask) for mask in self._masks.values()]
+        for pruned, mask in zip(self._plan(self._current_scores(fresh), sparsity), self._masks.values()):
+            torch.logical_not(pruned, out=mask)
+        self._masks_changed()
+        if last:  # the masks are final: pruned weights stay zero from now on
+            self._dense, self._densified = [], False
+        else:
+            self._densify()
+
+    @torch.no_grad()
+    def _densify(self) -> None:
+        """Feedback: write the dense values back into the pruned entries of the targets."""
+        for weight, dense, mask in zip(self._local_weights(), self._dense, self._masks.values()):
+            weight.detach().copy_(torch.where(mask, weight.detach(), dense))
+        self._densified = True
+
+    def _current_scores(self, masks: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """The criterion's scores, -inf where pruned: per element, or per unit where states are kept so.
+
+        ``masks``: rank as if these were the masks (all kept, for feedback) instead of the current ones.
+        """
         assert self._states is not None
         reduced = any(spec.reduce is not None for spec in self.criterion.states.values())
         group = process_group() if reduced else None
@@ -459,8 +557,10 @@ class Pruner(MaskKeeper):
             )
             for view, weight in zip(self._views, self._targets.values())
         ]
-        masks = list(self._masks.values())
         patterns = [self._patterns[f] for f in self._targets] if self._patterns else self.pattern
+        if masks is not None:
+            return pruned_first(scores, masks, patterns, self._states.per_unit)
+        masks = list(self._masks.values())
         return pruned_first(scores, masks, patterns, self._states.per_unit, self._multipliers, self._unit_views)
 
     def _plan(self, scores: list[Tensor], sparsity: float) -> list[Tensor]:
@@ -504,6 +604,11 @@ class Pruner(MaskKeeper):
             return self._pending
         state = super().state_dict()
         state["last_event"] = self._last_event
+        if self._dense:  # feedback: the pruned weights' dense values, sharded like their targets
+            state["dense"] = {
+                fqn: placed(d.cpu(), w) if self._group is not None else d.cpu()
+                for (fqn, w), d in zip(self._targets.items(), self._dense)
+            }
         if any(view.state for view in self._views):
             state["states"] = {
                 v.fqn: {k: self._placed_state(v.fqn, k, t) for k, t in v.state.items()} for v in self._views
