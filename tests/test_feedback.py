@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -149,3 +150,18 @@ def test_settings_feedback_cannot_work_with_are_refused_by_name(make, named):
 def test_feedback_must_be_a_bool():
     with pytest.raises(TypeError, match="feedback must be True or False, got str 'yes'"):
         Pruning(0.5, feedback="yes")  # type: ignore[arg-type]
+
+
+def test_feedback_with_an_adaptive_optimizer_warns_once_and_with_sgd_not():
+    def warned(opt_class: type[torch.optim.Optimizer]) -> list[str]:
+        module = make_module("mlp", "sgd")
+        pruner = Pruner(module, 0.5, "unstructured", "magnitude", schedule=WINDOW, feedback=True)
+        data = list(make_loader(module))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _loop(module, pruner, data, 0, 4, opt_class(module.parameters(), lr=0.01))
+        return [str(w.message) for w in caught if "feedback=True" in str(w.message)]
+
+    adaptive = warned(torch.optim.AdamW)
+    assert len(adaptive) == 1 and "AdamW" in adaptive[0] and "SGD" in adaptive[0]
+    assert warned(torch.optim.SGD) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -191,6 +192,7 @@ class Pruner(MaskKeeper):
         # from the first event to the last; and whether the targets hold those dense values right now.
         self._dense: list[Tensor] = []
         self._densified = False
+        self._warned_adaptive = False
         if model is not None:
             self.bind(model, total_steps=total_steps)
 
@@ -454,12 +456,27 @@ class Pruner(MaskKeeper):
         self._open_window()
         if self._dense:
             self._stepped = True  # the step moves the dense weights; after it they are kept and zeroed again
+            self._warn_adaptive(optimizer)
         else:
             self._mask_gradients(optimizer)
         schedule = self._resolved
         if self.regularization is not None and schedule is not None and schedule.start <= step <= schedule.end:
             self.regularization.before_step(self._targets, optimizer)
         return event
+
+    def _warn_adaptive(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Feedback with an adaptive optimizer: warn once (pruned weights drift by about lr per step)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        if self._warned_adaptive or optimizer is None or type(optimizer) in (torch.optim.SGD,):
+            return
+        self._warned_adaptive = True
+        warnings.warn(
+            f"feedback=True with {type(optimizer).__name__}: an adaptive optimizer moves every pruned weight by "
+            "about the learning rate at each step whatever its gradient, so masks churn between events; dynamic "
+            "pruning with feedback was designed with SGD (Lin et al. 2020), and with AdamW it lost accuracy on "
+            "this project's CNN (docs/RESULTS.md)",
+            stacklevel=3,
+        )
 
     def after_optimizer_step(self) -> None:
         """Keep pruned weights at zero; then the regularization step, if any (pruned groups have norm 0).
