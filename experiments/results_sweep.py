@@ -115,6 +115,8 @@ def _cv_rows() -> list[dict[str, Any]]:
         ("lr rewinding to the peak (step 180)", (*lr, "rewind.rewind_to=180")),
         ("lr rewinding, window ends at 40%", (*lr, "schedule.end_step=240")),
         ("lr rewinding + distillation T=4 alpha=0.9", (*BEST, "distill.temperature=4", "distill.alpha=0.9")),
+        ("lr rewinding + distillation, window ends at 80%", (*BEST, "schedule.end_step=480")),
+        ("lr rewinding + distillation, at most 90% per layer", (*BEST, "pruner.max_sparsity_per_layer=0.9")),
     ):
         add(f"unstructured magnitude 0.9, {name}", _ov("unstructured", "magnitude", 0.9, *extra), group="recovery")
     return rows
@@ -202,6 +204,12 @@ SUITES = {
         lambda: [
             *_ninety_rows("long", "budget"),
             *_recovery_rows("long ", "unstructured", "magnitude", 0.9),
+            {
+                "name": "long 4x1 magnitude 0.75",
+                "overrides": _ov("4x1", "magnitude", 0.75),
+                "seeds": SEEDS,
+                "group": "budget",
+            },
             *_recovery_rows("long ", "4x1", "magnitude", 0.75),
         ],
     ),

@@ -41,6 +41,7 @@ class Net(pl.LightningModule):
 
     def __init__(self, mode: str, norm: bool = True, hidden: int = HIDDEN) -> None:
         super().__init__()
+        self.lr = 0.01  # AdamW learning rate (--lr)
         torch.manual_seed(0)
         self.mode = mode
         self.net = nn.Sequential(
@@ -75,7 +76,7 @@ class Net(pl.LightningModule):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
         # torch's foreach Adam cannot mix plain tensors (the layers tensor parallelism leaves out) with DTensors
         foreach = OPTIMIZER != "adamw-loop" and self.mode != "tp"
-        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1, foreach=foreach)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1, foreach=foreach)
 
 
 def loader(data_parallel: int) -> DataLoader:
@@ -133,6 +134,8 @@ def make_callback(kind: str, pattern: Any, criterion: str, scope: str) -> Any:
     schedule = Iterative(start_step=0, end_step=8, frequency=2)
     if kind == "pruning":
         return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False)
+    if kind == "feedback":  # dynamic pruning with feedback: masks chosen afresh from dense weights at each event
+        return Pruning(target, pattern, criterion, schedule=schedule, scope=scope, verbose=False, feedback=True)
     if kind == "progressive":
         return ProgressivePruning(
             target, pattern, criterion, schedule=schedule, scope=scope, verbose=False, progressive_steps=2
@@ -171,9 +174,11 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--no-norm", action="store_true")
     parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     module = Net(args.mode, norm=not args.no_norm, hidden=args.hidden)
+    module.lr = args.lr
     if args.callback == "lock":  # zeros in whole 4x1 blocks, for PatternLock to keep
         with torch.no_grad():
             for layer in (module.net[0], module.net[2]):

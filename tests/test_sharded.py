@@ -218,6 +218,7 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         ("--callback", "group_lasso"),
         ("--callback", "lock"),
         ("--pattern", "ffn", "--criterion", "snip_momentum"),  # neurons: rows of one Linear, columns of the next
+        ("--callback", "feedback", "--pattern", "unstructured", "--criterion", "magnitude", "--lr", "0.05"),
     ],
     ids=[
         "2:4-magnitude-local",
@@ -228,6 +229,7 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         "lasso",
         "lock",
         "ffn",
+        "feedback",
     ],
 )
 def test_fsdp2_equals_ddp_bit_for_bit_for_every_callback_and_pattern(runs, args):
@@ -299,6 +301,18 @@ def test_resume_from_a_sharded_checkpoint_same_and_other_world_sizes(runs, tmp_p
     up = _job(tmp_path / "1to2", "--mode", "fsdp", "--no-norm", "--resume", str(one_dir / "ckpt" / ckpt))
     assert _same(down["masks"], two["masks"]) == [] and _gap(down["weights"], two["weights"]) < 1e-6
     assert _same(up["masks"], one["masks"]) == [] and _gap(up["weights"], one["weights"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_feedback_resumes_from_a_sharded_checkpoint_inside_the_window(runs, tmp_path):
+    # a learning rate high enough for pruned weights to come back within the 8-step window
+    setting = ("--mode", "fsdp", "--pattern", "unstructured", "--criterion", "magnitude", "--lr", "0.05")
+    full_dir, full = runs(*setting, "--callback", "feedback", "--every", "4")  # step 4 is inside the window
+    ckpt = str(full_dir / "ckpt" / "epoch=0-step=4.ckpt")
+    resumed = _job(tmp_path / "same", *setting, "--callback", "feedback", "--resume", ckpt)
+    assert _same(resumed["masks"], full["masks"]) == [] and _same(resumed["weights"], full["weights"]) == []
+    _, plain = runs(*setting)
+    assert _same(full["masks"], plain["masks"]), "feedback chose other masks than plain pruning"
 
 
 @pytest.mark.slow
