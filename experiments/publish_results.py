@@ -128,9 +128,14 @@ _RECOVERED = ("lr rewinding", "weight rewinding", "distillation", "lr rewinding 
 _BEST = "lr rewinding + distillation"
 # The recovery ablation (issue 19): per pruning setting, the rows compared in one panel of results_recovery.png.
 RECOVERY_PANELS = [
-    ("cv", "CV, 600 steps: unstructured 90%", [_U9, *(f"{_U9}, {r}" for r in _RECOVERED), "ModelPruning 0.9"]),
+    (
+        "cv",
+        "CV, 600 steps: unstructured 90%",
+        [_U9, *(f"{_U9}, {r}" for r in _RECOVERED), f"{_U9}, {_BEST}, window ends at 80%", "ModelPruning 0.9"],
+    ),
     ("cv", "CV, 600 steps: 4x1 75%", ["4x1 magnitude 0.75", f"4x1 magnitude 0.75, {_BEST}"]),
     ("cvlong", "CV, 1800 steps: unstructured 90%", [f"long {_U9}", f"long {_U9}, {_BEST}", "long ModelPruning 0.9"]),
+    ("cvlong", "CV, 1800 steps: 4x1 75%", ["long 4x1 magnitude 0.75", f"long 4x1 magnitude 0.75, {_BEST}"]),
     (
         "nlp",
         "MiniLM-L6, BBC News: 2:4",
@@ -152,8 +157,12 @@ RECOVERY_PANELS = [
 
 def recovery_plot(panels: list[tuple[str, dict[str, list[dict[str, Any]]], list[str]]], path: Path) -> None:
     """One panel per pruning setting: Δ vs dense (mean ± std over seeds) of each row, the dense line at 0."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, (title, rows, names) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, rows, names) in zip(axes.flat, panels):
         present = [n for n in names if n in rows]
         means = [100 * statistics.mean(summary(rows[n])["delta"]) for n in present]
         stds = [100 * statistics.stdev(summary(rows[n])["delta"]) if len(rows[n]) > 1 else 0.0 for n in present]
