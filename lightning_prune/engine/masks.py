@@ -311,16 +311,26 @@ class MaskKeeper:
 
         Sharded, each rank takes its box: of a DTensor mask placed like the target, or of a whole mask.
         """
-        if set(masks) != set(self._targets):
-            raise ValueError(f"checkpoint masks name {sorted(masks)}, but the targets now are {sorted(self._targets)}")
+        boxes = self._checked_like_targets(masks, "masks", "mask")
+        return {fqn: box.to(dtype=torch.bool) for fqn, box in boxes.items()}
+
+    def _checked_like_targets(self, saved: Mapping[str, Tensor], plural: str, singular: str) -> dict[str, Tensor]:
+        """Saved tensors shaped like the targets, checked by name and shape: this rank's boxes, on its devices.
+
+        ``plural`` and ``singular`` name what was saved in the errors ("masks", "mask").
+        """
+        if set(saved) != set(self._targets):
+            raise ValueError(
+                f"checkpoint {plural} name {sorted(saved)}, but the targets now are {sorted(self._targets)}"
+            )
         checked = {}
         for fqn, param in self._targets.items():
-            mask = masks[fqn]
-            if tuple(mask.shape) != tuple(param.shape):
+            value = saved[fqn]
+            if tuple(value.shape) != tuple(param.shape):
                 raise ValueError(
-                    f"checkpoint mask for '{fqn}' has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+                    f"checkpoint {singular} for '{fqn}' has shape {tuple(value.shape)}, weight {tuple(param.shape)}"
                 )
-            checked[fqn] = self._local_box(fqn, mask).to(device=param.device, dtype=torch.bool)
+            checked[fqn] = self._local_box(fqn, value).to(device=param.device)
         return checked
 
     def _local_box(self, fqn: str, whole: Tensor) -> Tensor:

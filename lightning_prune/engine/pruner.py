@@ -387,19 +387,8 @@ class Pruner(MaskKeeper):
         """Feedback's dense weights from a checkpoint, checked against the targets (this rank's boxes)."""
         if not saved:
             return []
-        if set(saved) != set(self._targets):
-            raise ValueError(
-                f"checkpoint dense weights name {sorted(saved)}, but the targets are {sorted(self._targets)}"
-            )
-        dense = []
-        for fqn, param in self._targets.items():
-            value = saved[fqn]
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"checkpoint dense weight for '{fqn}' has shape {tuple(value.shape)}, weight {tuple(param.shape)}"
-                )
-            dense.append(self._local_box(fqn, value).to(device=param.device, dtype=param.dtype).clone())
-        return dense
+        boxes = self._checked_like_targets(saved, "dense weights", "dense weight")
+        return [boxes[fqn].to(dtype=param.dtype).clone() for fqn, param in self._targets.items()]
 
     def _collecting(self) -> bool:
         schedule = self._resolved
@@ -467,7 +456,7 @@ class Pruner(MaskKeeper):
     def _warn_adaptive(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Feedback with an adaptive optimizer: warn once (pruned weights drift by about lr per step)."""
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        if self._warned_adaptive or optimizer is None or type(optimizer) in (torch.optim.SGD,):
+        if self._warned_adaptive or optimizer is None or type(optimizer) is torch.optim.SGD:
             return
         self._warned_adaptive = True
         warnings.warn(
