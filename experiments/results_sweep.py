@@ -108,6 +108,7 @@ def _cv_rows() -> list[dict[str, Any]]:
         add(name, _ov("1xchannel", "snip_momentum", sparsity, "pruner=progressive"), group="ablation")
     rows += _recovery_rows("", "unstructured", "magnitude", 0.9)
     rows += _recovery_rows("", "4x1", "magnitude", 0.75)
+    rows += _lamp_rows("")
     # variants of learning-rate rewinding (seed 0): to the one-cycle peak (30% of the run) instead of the start;
     # the window ending at 40% of the run, so that more steps follow the rewind, or at 80%; stronger
     # distillation; a cap on any layer's sparsity. The 80% window, the best on seed 0, runs three seeds.
@@ -149,6 +150,21 @@ def _recovery_rows(prefix: str, pattern: str, criterion: str, sparsity: float) -
             "group": "recovery",
         }
         for name, extra in RECOVERY
+    ]
+
+
+def _lamp_rows(prefix: str) -> list[dict[str, Any]]:
+    """LAMP layer scores (``pruner.scope=lamp``) instead of the global magnitude ranking at 90%, alone and with
+    the best recovery, three seeds each."""
+    lamp = "pruner.scope=lamp"
+    return [
+        {
+            "name": f"{prefix}unstructured magnitude 0.9, LAMP{name}",
+            "overrides": _ov("unstructured", "magnitude", 0.9, lamp, *extra),
+            "seeds": SEEDS,
+            "group": "recovery",
+        }
+        for name, extra in (("", ()), (" + lr rewinding + distillation", BEST))
     ]
 
 
@@ -214,6 +230,7 @@ SUITES = {
                 "group": "budget",
             },
             *_recovery_rows("long ", "4x1", "magnitude", 0.75),
+            *_lamp_rows("long "),
         ],
     ),
     "nlp": (NLP_BASE, _nlp_rows),

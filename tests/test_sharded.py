@@ -219,6 +219,8 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         ("--callback", "lock"),
         ("--pattern", "ffn", "--criterion", "snip_momentum"),  # neurons: rows of one Linear, columns of the next
         ("--callback", "feedback", "--pattern", "unstructured", "--criterion", "magnitude", "--lr", "0.05"),
+        ("--pattern", "unstructured", "--criterion", "magnitude", "--scope", "lamp"),  # layers' scores gathered
+        ("--pattern", "ffn", "--criterion", "magnitude", "--scope", "lamp"),
     ],
     ids=[
         "2:4-magnitude-local",
@@ -230,6 +232,8 @@ def test_flat_sharding_strategies_are_refused_naming_model_parallel_strategy():
         "lock",
         "ffn",
         "feedback",
+        "unstructured-lamp",
+        "ffn-lamp",
     ],
 )
 def test_fsdp2_equals_ddp_bit_for_bit_for_every_callback_and_pattern(runs, args):
@@ -272,6 +276,16 @@ def test_tensor_parallel_and_2d_mesh_give_the_masks_of_ddp(runs):
     assert "_StridedShard" in mesh2d["placements"]["net.0.weight"]
     assert _same(mesh2d["masks"], ddp2["masks"]) == []
     assert mesh2d["sparsity"] == [ddp2["sparsity"][0]] * 4
+
+
+@pytest.mark.slow
+def test_lamp_under_tensor_parallel_counts_the_replicated_layer_once(runs):
+    lamp = ("--pattern", "unstructured", "--criterion", "magnitude", "--scope", "lamp")
+    _, tp = runs("--mode", "tp", "--devices", "2", *lamp)
+    _, ddp1 = runs("--mode", "ddp", "--devices", "1", *lamp)
+    assert _same(tp["masks"], ddp1["masks"]) == []
+    _, ranked = runs("--mode", "ddp", "--devices", "1", "--pattern", "unstructured", "--criterion", "magnitude")
+    assert _same(ranked["masks"], ddp1["masks"]) != []  # LAMP allocates otherwise than the global ranking
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from lightning_prune.schedules import Iterative
         ({"pattern": "4:2"}, ValueError, "N:M needs 1 <= N < M"),
         ({"pattern": 3}, TypeError, "pattern must be a str or a Pattern"),
         ({"criterion": "l2"}, ValueError, "criterion 'l2' is not valid; choose one of 'magnitude'"),
-        ({"scope": "layer"}, ValueError, "scope 'layer' is not valid; choose one of 'global', 'local'"),
+        ({"scope": "layer"}, ValueError, "scope 'layer' is not valid; choose one of 'global', 'local', 'lamp'"),
         ({"target_sparsity": 1.0}, ValueError, r"target_sparsity must be a number in \[0, 1\), got 1.0"),
         ({"target_sparsity": -0.1}, ValueError, r"target_sparsity must be a number in \[0, 1\), got -0.1"),
         ({"target_sparsity": "0.5"}, ValueError, r"target_sparsity must be a number in \[0, 1\), got '0.5'"),

@@ -39,7 +39,10 @@ class Pruning(MaskedWeights):
         schedule: :class:`~lightning_prune.schedules.OneShot` or :class:`~lightning_prune.schedules.Iterative`;
             ``None`` prunes iteratively over the whole run: events every ``max(1, total // 20)`` steps from 0
             to the last step, ``total = trainer.estimated_stepping_batches``, exp decay.
-        scope: ``"global"`` (one ranking across targets, budget in elements) or ``"local"`` (each layer).
+        scope: ``"global"`` (one ranking across targets, budget in elements), ``"local"`` (each layer), or
+            ``"lamp"``: one ranking of layer-adaptive LAMP scores (Lee et al. 2021, arXiv:2010.07611), which
+            keep every layer's largest weights and do not depend on a layer's scale
+            (``lightning_prune.engine.planning.lamp_scores``).
         op_types: module class names whose ``weight`` is pruned.
         include: regexes; only modules whose full name matches one are pruned.
         exclude: regexes; modules whose full name matches one are not pruned.

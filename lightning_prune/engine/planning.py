@@ -2,7 +2,8 @@
 
 - :func:`pruned_first`: scores with ``-inf`` over pruned weights (or units), so that they sort first and masks
   stay monotone;
-- :func:`plan`: the element masks of the units that reach a sparsity, globally or per layer;
+- :func:`plan`: the element masks of the units that reach a sparsity, globally, per layer or by LAMP scores;
+- :func:`lamp_scores`: layer-adaptive scores that one global ranking can compare across layers;
 - :func:`check_reachable`: whether a pattern can bring a set of weights to a target at all.
 """
 
@@ -19,12 +20,60 @@ from torch import Tensor
 
 from lightning_prune.engine.zeroing import all_kept
 from lightning_prune.patterns import Coupled, Pattern, UnitGroup
-from lightning_prune.selection import UnitShard, select
+from lightning_prune.selection import SCOPES, UnitShard, _gather_many, select
 from lightning_prune.sharding import Box
 
-__all__ = ["check_coupled", "check_reachable", "plan", "plan_coupled", "pruned_first"]
+__all__ = ["TRAINING_SCOPES", "check_coupled", "check_reachable", "lamp_scores", "plan", "plan_coupled", "pruned_first"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# Scopes of pruning while training: one ranking across layers, each layer alone, or one ranking of LAMP scores.
+TRAINING_SCOPES = (*SCOPES, "lamp")
+
+
+def lamp_scores(scores: Tensor, values: Tensor | None = None) -> Tensor:
+    """LAMP scores of one layer's scores: comparable across layers, so that one global ranking allocates sparsity.
+
+    Layer-adaptive magnitude-based pruning (Lee, Park, Mo, Ahn, Shin 2021, "Layer-adaptive sparsity for the
+    magnitude-based pruning", arXiv:2010.07611): a unit of score ``s`` gets
+
+        lamp(s) = s^2 / sum of t^2 over the layer's kept units t with t >= s
+
+    so every layer's highest unit scores 1 and a layer's scores do not change when all of them are scaled.
+    Pruning the lowest LAMP scores globally keeps the largest units of every layer; the paper ranks weight
+    magnitudes, and here any criterion's non-negative scores (negative ones count as 0). Tied units share a score.
+
+    Args:
+        scores: the layer's unit scores, ``-inf`` where pruned (kept so).
+        values: the finite scores of the whole layer when ``scores`` is one shard of it (default: ``scores``'s own).
+
+    Example:
+        >>> lamp_scores(torch.tensor([1.0, 2.0, float("-inf"), 3.0]))
+        tensor([0.0714, 0.3077,   -inf, 1.0000])
+    """
+    kept = torch.isfinite(scores)
+    layer = scores[kept] if values is None else values
+    squares = layer.double().clamp_min(0).square().sort().values.to(scores.device)
+    if not squares.numel():
+        return scores.clone()
+    suffix = squares.flip(0).cumsum(0).flip(0)  # suffix[j]: the sum of squares[j:]
+    own = scores.double().clamp_min(0).square()
+    at = torch.searchsorted(squares, own.where(kept, 0.0)).clamp_max(squares.numel() - 1)
+    lamp = (own / suffix[at]).nan_to_num_(nan=0.0)  # 0/0: every kept unit of the layer scores 0
+    return torch.where(kept, lamp.float(), scores)
+
+
+def _lamp(units: list[Tensor], shards: list[UnitShard] | None, cuts: list[slice | None], group: Any) -> list[Tensor]:
+    """:func:`lamp_scores` of every target; sharded, each layer's finite scores are gathered from their owners."""
+    if shards is None or group is None:
+        return [lamp_scores(u) for u in units]
+    own = tuple(
+        u[torch.isfinite(u)] if s.owner and cut is None else u.new_empty(0) for u, s, cut in zip(units, shards, cuts)
+    )
+    every = _gather_many(own, group)
+    return [
+        lamp_scores(u) if cut is not None else lamp_scores(u, torch.cat([parts[i] for parts in every]))
+        for i, (u, cut) in enumerate(zip(units, cuts))
+    ]
 
 
 def pruned_first(
@@ -88,8 +137,9 @@ def plan(
         shapes: the targets' shapes.
         pattern: the units.
         per_unit: ``scores`` are per unit already.
-        sparsity: the fraction of zeros to reach over all targets (``"global"``) or in each (``"local"``).
-        scope: ``"global"`` or ``"local"``.
+        sparsity: the fraction of zeros to reach over all targets (``"global"``, ``"lamp"``) or in each
+            (``"local"``).
+        scope: ``"global"``, ``"local"`` or ``"lamp"`` (global, on :func:`lamp_scores`).
         min_sparsity: global scope: the least sparsity of any target.
         max_sparsity: global scope: the most sparsity of any target.
         boxes: sharded (with ``group``): where each of ``scores`` (this rank's shard) sits in its target;
@@ -117,6 +167,8 @@ def plan(
                 units[i], sizes[i] = whole[0], pattern.unit_sizes(box.shape)
             shards.append(shard)
             cuts.append(None if whole is None else whole[1])
+    if scope == "lamp":
+        units, scope = _lamp(units, shards, cuts, group), "global"
     picks = select(units, sizes, numels, sparsity, scope, min_sparsity, max_sparsity, group, shards)
     # A unit holding a pruned weight is always taken whole, even where the budget's rounding would stop
     # just before it: masks stay monotone and made of whole units.
@@ -228,8 +280,9 @@ def plan_coupled(
         fqns: the targets' names, each a member of one of ``groups``.
         groups: the layers.
         per_unit: ``scores`` are per unit of each target's member pattern already.
-        sparsity: the fraction of zeros to reach over all layers (``"global"``) or in each (``"local"``).
-        scope: ``"global"`` or ``"local"``.
+        sparsity: the fraction of zeros to reach over all layers (``"global"``, ``"lamp"``) or in each
+            (``"local"``).
+        scope: ``"global"``, ``"local"`` or ``"lamp"`` (global, on :func:`lamp_scores` of the layer scores).
         min_sparsity: global scope: the least sparsity of any layer.
         max_sparsity: global scope: the most sparsity of any layer (and never all its units).
         boxes: sharded (with ``group``): where each of ``scores`` sits in its target.
@@ -266,6 +319,8 @@ def plan_coupled(
         layer_sizes.append(max(round(weight), 1))
         layer_numels.append(sum(math.prod(whole_shapes[index[f]]) for f in g.fqns))
         layer_max.append(min(max_sparsity, (g.units - 1) * layer_sizes[-1] / layer_numels[-1]))  # one unit stays
+    if scope == "lamp":  # every rank holds the layers' whole unit scores
+        layer_scores, scope = [lamp_scores(s) for s in layer_scores], "global"
     picks = select(layer_scores, layer_sizes, layer_numels, sparsity, scope, min_sparsity, layer_max)
     out: list[Tensor] = [torch.empty(0)] * len(fqns)
     for g, pick, layer in zip(groups, picks, layer_scores):

@@ -14,12 +14,18 @@ from torch import Tensor, nn
 from lightning_prune.criteria import Criterion, parse_criterion
 from lightning_prune.engine.coupling import Coupling
 from lightning_prune.engine.masks import MaskKeeper
-from lightning_prune.engine.planning import check_coupled, check_reachable, plan, plan_coupled, pruned_first
+from lightning_prune.engine.planning import (
+    TRAINING_SCOPES,
+    check_coupled,
+    check_reachable,
+    plan,
+    plan_coupled,
+    pruned_first,
+)
 from lightning_prune.engine.scores import Target, TargetStates, process_group
 from lightning_prune.patterns import Coupled, Pattern, parse_pattern
 from lightning_prune.regularization import Regularization
 from lightning_prune.schedules import Schedule, default_schedule
-from lightning_prune.selection import SCOPES
 from lightning_prune.sharding import all_reduce_ints, local, placed
 
 __all__ = ["Event", "Pruner", "check_fraction"]
@@ -75,7 +81,10 @@ class Pruner(MaskKeeper):
         schedule: :class:`~lightning_prune.schedules.OneShot` or :class:`~lightning_prune.schedules.Iterative`;
             ``None`` prunes over the whole run (:func:`~lightning_prune.schedules.default_schedule` of
             ``total_steps``).
-        scope: ``"global"`` (one ranking across targets, budget in elements) or ``"local"`` (each layer).
+        scope: ``"global"`` (one ranking across targets, budget in elements), ``"local"`` (each layer), or
+            ``"lamp"``: one ranking of layer-adaptive LAMP scores (Lee et al. 2021, arXiv:2010.07611), which
+            keep every layer's largest weights and do not depend on a layer's scale
+            (``lightning_prune.engine.planning.lamp_scores``).
         op_types: module class names whose ``weight`` is pruned.
         include: regexes; only modules whose full name matches one are pruned.
         exclude: regexes; modules whose full name matches one are not pruned.
@@ -139,8 +148,9 @@ class Pruner(MaskKeeper):
         if schedule is not None and not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be OneShot, Iterative or None, got {type(schedule).__name__}")
         self.schedule = schedule
-        if scope not in SCOPES:
-            raise ValueError(f"scope {scope!r} is not valid; choose one of {', '.join(map(repr, SCOPES))}")
+        if scope not in TRAINING_SCOPES:
+            choices = ", ".join(map(repr, TRAINING_SCOPES))
+            raise ValueError(f"scope {scope!r} is not valid; choose one of {choices}")
         self.scope = scope
         super().__init__(op_types, include, exclude)
         self.min_sparsity_per_layer = check_fraction("min_sparsity_per_layer", min_sparsity_per_layer, False)
