@@ -126,15 +126,26 @@ def pareto(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
 _U9 = "unstructured magnitude 0.9"
 _RECOVERED = ("lr rewinding", "weight rewinding", "distillation", "lr rewinding + distillation")
 _BEST = "lr rewinding + distillation"
+_LAMP = (f"{_U9}, LAMP", f"{_U9}, LAMP + {_BEST}")  # pruner.scope=lamp, alone and with the best recovery
 # The recovery ablation (issue 19): per pruning setting, the rows compared in one panel of results_recovery.png.
 RECOVERY_PANELS = [
     (
         "cv",
         "CV, 600 steps: unstructured 90%",
-        [_U9, *(f"{_U9}, {r}" for r in _RECOVERED), f"{_U9}, {_BEST}, window ends at 80%", "ModelPruning 0.9"],
+        [
+            _U9,
+            *(f"{_U9}, {r}" for r in _RECOVERED),
+            f"{_U9}, {_BEST}, window ends at 80%",
+            *_LAMP,
+            "ModelPruning 0.9",
+        ],
     ),
     ("cv", "CV, 600 steps: 4x1 75%", ["4x1 magnitude 0.75", f"4x1 magnitude 0.75, {_BEST}"]),
-    ("cvlong", "CV, 1800 steps: unstructured 90%", [f"long {_U9}", f"long {_U9}, {_BEST}", "long ModelPruning 0.9"]),
+    (
+        "cvlong",
+        "CV, 1800 steps: unstructured 90%",
+        [f"long {_U9}", f"long {_U9}, {_BEST}", *(f"long {n}" for n in _LAMP), "long ModelPruning 0.9"],
+    ),
     ("cvlong", "CV, 1800 steps: 4x1 75%", ["long 4x1 magnitude 0.75", f"long 4x1 magnitude 0.75, {_BEST}"]),
     (
         "nlp",
