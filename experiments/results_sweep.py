@@ -31,7 +31,6 @@ SEEDS = (0, 1, 2)
 LONG_FIVE = (
     "long ModelPruning 0.9",
     "long unstructured magnitude 0.9, lr rewinding + distillation",
-    "long unstructured magnitude 0.9, LAMP",
     "long unstructured magnitude 0.9, LAMP + lr rewinding + distillation",
 )
 
