@@ -39,8 +39,11 @@ def run(pattern, scope="global", target=0.7, max_steps=30, kind="cnn", **kwargs)
     return module, cb, observe
 
 
-@pytest.mark.parametrize("scope", ["global", "local", "lamp"])
-@pytest.mark.parametrize("pattern", ["4x1", "1x4", "1xchannel", "channelx1", "2:4"])
+@pytest.mark.parametrize(
+    ("pattern", "scope"),
+    [(p, s) for s in ("global", "local") for p in ("4x1", "1x4", "1xchannel", "channelx1", "2:4")]
+    + [("4x1", "lamp"), ("1xchannel", "lamp")],
+)
 def test_partial_between_events_exact_at_events_and_end(pattern, scope):
     target = 0.5 if pattern == "2:4" else 0.7
     module, cb, observe = run(pattern, scope, target)
