@@ -31,6 +31,9 @@ def test_lamp_scores_follow_the_papers_formula_and_keep_pruned_units_first():
     got = lamp_scores(scores)
     assert torch.allclose(got, _by_definition(scores), rtol=1e-6)
     assert torch.isinf(got[[3, 17, 40]]).all() and float(got.max()) == 1.0
+    ties = torch.tensor([2.0, 1.0, 2.0, float("-inf"), 1.0, 3.0, 0.0])  # tied units share a score
+    assert torch.allclose(lamp_scores(ties), _by_definition(ties), rtol=1e-6)
+    assert torch.equal(lamp_scores(ties[:3], values=ties[torch.isfinite(ties)]), lamp_scores(ties)[:3])
     # one shard of a layer, scored against the whole layer's kept values, gives the whole layer's scores
     whole = lamp_scores(scores)
     shard = lamp_scores(scores[:20], values=scores[torch.isfinite(scores)])

@@ -51,15 +51,26 @@ def lamp_scores(scores: Tensor, values: Tensor | None = None) -> Tensor:
         tensor([0.0714, 0.3077,   -inf, 1.0000])
     """
     kept = torch.isfinite(scores)
-    layer = scores[kept] if values is None else values
-    squares = layer.double().clamp_min(0).square().sort().values.to(scores.device)
+    own = scores[kept].double().clamp_min(0).square()
+    if values is None:  # the whole layer: one sort gives every unit's place
+        squares, order = own.sort()
+    else:
+        squares, order = values.double().clamp_min(0).square().sort().values.to(scores.device), None
     if not squares.numel():
         return scores.clone()
     suffix = squares.flip(0).cumsum(0).flip(0)  # suffix[j]: the sum of squares[j:]
-    own = scores.double().clamp_min(0).square()
-    at = torch.searchsorted(squares, own.where(kept, 0.0)).clamp_max(squares.numel() - 1)
+    if order is None:
+        at = torch.searchsorted(squares, own)  # the first place of each unit's value among the layer's
+    else:  # the first place of each run of equal values, for every sorted unit
+        first = torch.ones_like(squares, dtype=torch.bool)
+        first[1:] = squares[1:] != squares[:-1]
+        starts = torch.nonzero(first).squeeze(1)
+        at = torch.empty_like(order)
+        at[order] = starts[first.cumsum(0) - 1]
     lamp = (own / suffix[at]).nan_to_num_(nan=0.0)  # 0/0: every kept unit of the layer scores 0
-    return torch.where(kept, lamp.float(), scores)
+    out = scores.clone()
+    out[kept] = lamp.float()
+    return out
 
 
 def _lamp(units: list[Tensor], shards: list[UnitShard] | None, cuts: list[slice | None], group: Any) -> list[Tensor]:
