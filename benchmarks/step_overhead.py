@@ -12,7 +12,7 @@ Phases: before the window, non-event steps inside it, event steps, the window me
 dense time across the window) and after the window; plus what each tool holds beyond the dense copy, as a
 multiple of the pruned weights' bytes.
 
-Usage: python benchmarks/step_overhead.py [--repeats 3] [--quick] [--only 'mlp 4x1024, batch 256 ours 4x1']
+Usage: python benchmarks/step_overhead.py [--repeats 3] [--quick] [--only 'mlp 4x1024, batch 256 lightning_prune 4x1']
 """
 
 from __future__ import annotations
