@@ -52,21 +52,18 @@ def lamp_scores(scores: Tensor, values: Tensor | None = None) -> Tensor:
     """
     kept = torch.isfinite(scores)
     own = scores[kept].double().clamp_min(0).square()
-    if values is None:  # the whole layer: one sort gives every unit's place
-        squares, order = own.sort()
-    else:
-        squares, order = values.double().clamp_min(0).square().sort().values.to(scores.device), None
-    if not squares.numel():
+    if not own.numel():
         return scores.clone()
-    suffix = squares.flip(0).cumsum(0).flip(0)  # suffix[j]: the sum of squares[j:]
-    if order is None:
-        at = torch.searchsorted(squares, own)  # the first place of each unit's value among the layer's
-    else:  # the first place of each run of equal values, for every sorted unit
+    if values is None:  # the whole layer: one sort places every unit, tied units at their run's first place
+        squares, order = own.sort()
         first = torch.ones_like(squares, dtype=torch.bool)
         first[1:] = squares[1:] != squares[:-1]
-        starts = torch.nonzero(first).squeeze(1)
         at = torch.empty_like(order)
-        at[order] = starts[first.cumsum(0) - 1]
+        at[order] = torch.nonzero(first).squeeze(1)[first.cumsum(0) - 1]
+    else:  # a shard: each unit's first place among the whole layer's values
+        squares = values.double().clamp_min(0).square().sort().values.to(scores.device)
+        at = torch.searchsorted(squares, own)
+    suffix = squares.flip(0).cumsum(0).flip(0)  # suffix[j]: the sum of squares[j:]
     lamp = (own / suffix[at]).nan_to_num_(nan=0.0)  # 0/0: every kept unit of the layer scores 0
     out = scores.clone()
     out[kept] = lamp.float()
