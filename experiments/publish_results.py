@@ -126,7 +126,8 @@ def pareto(rows: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Non
 _U9 = "unstructured magnitude 0.9"
 _RECOVERED = ("lr rewinding", "weight rewinding", "distillation", "lr rewinding + distillation")
 _BEST = "lr rewinding + distillation"
-_LAMP = (f"{_U9}, LAMP", f"{_U9}, LAMP + {_BEST}")  # pruner.scope=lamp, alone and with the best recovery
+# pruner.scope=lamp: alone, with the best recovery, and with the lasso (regularization=lasso) on top
+_LAMP = (f"{_U9}, LAMP", f"{_U9}, LAMP + {_BEST}", f"{_U9}, LAMP + lasso + {_BEST}")
 # The recovery ablation (issue 19): per pruning setting, the rows compared in one panel of results_recovery.png.
 RECOVERY_PANELS = [
     (
@@ -136,6 +137,8 @@ RECOVERY_PANELS = [
             _U9,
             *(f"{_U9}, {r}" for r in _RECOVERED),
             f"{_U9}, {_BEST}, window ends at 80%",
+            f"{_U9}, lasso",
+            f"{_U9}, lasso + {_BEST}",
             *_LAMP,
             "ModelPruning 0.9",
         ],

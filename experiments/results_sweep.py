@@ -115,6 +115,17 @@ def _cv_rows() -> list[dict[str, Any]]:
     rows += _recovery_rows("", "unstructured", "magnitude", 0.9)
     rows += _recovery_rows("", "4x1", "magnitude", 0.75)
     rows += _lamp_rows("")
+    # the lasso's coefficient (seed 0; 0.01 is the default of regularization=lasso) and its share of the gain
+    lamp_best = ("pruner.scope=lamp", *BEST, *LASSO)
+    for coeff in (0.02, 0.04, 0.1):
+        name = f"unstructured magnitude 0.9, LAMP + lasso {coeff} + lr rewinding + distillation"
+        add(
+            name,
+            _ov("unstructured", "magnitude", 0.9, *lamp_best, f"pruner.regularization.coeff={coeff}"),
+            group="recovery",
+        )
+    for name, extra in (("lasso", LASSO), ("lasso + lr rewinding + distillation", (*BEST, *LASSO))):
+        add(f"unstructured magnitude 0.9, {name}", _ov("unstructured", "magnitude", 0.9, *extra), True, "recovery")
     # variants of learning-rate rewinding (seed 0): to the one-cycle peak (30% of the run) instead of the start;
     # the window ending at 40% of the run, so that more steps follow the rewind, or at 80%; stronger
     # distillation; a cap on any layer's sparsity. The 80% window, the best on seed 0, runs three seeds.
@@ -144,6 +155,8 @@ RECOVERY = (
 
 # The best of them on the CV sample (seed 0 of the ablation), used on the NLP samples.
 BEST = ("rewind=lr", "distill=kd")
+# Soft thresholding (the lasso's proximal step) on every weight inside the pruning window, coefficient 0.01.
+LASSO = ("regularization=lasso",)
 
 
 def _recovery_rows(prefix: str, pattern: str, criterion: str, sparsity: float) -> list[dict[str, Any]]:
@@ -170,7 +183,11 @@ def _lamp_rows(prefix: str) -> list[dict[str, Any]]:
             "seeds": SEEDS,
             "group": "recovery",
         }
-        for name, extra in (("", ()), (" + lr rewinding + distillation", BEST))
+        for name, extra in (
+            ("", ()),
+            (" + lr rewinding + distillation", BEST),
+            (" + lasso + lr rewinding + distillation", (*BEST, *LASSO)),
+        )
     ]
 
 

@@ -25,6 +25,7 @@ from experiments.data import BBCNewsData, FashionMNISTData, load_bbc_news, load_
 from experiments.report import write_report
 from experiments.train import run
 from lightning_prune import Distillation, OneShotPruning, PatternLock, Pruning, Rewind
+from lightning_prune.regularization import GroupLasso
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -66,6 +67,7 @@ def test_groups_are_the_documented_ones():
         "model",
         "pattern",
         "pruner",
+        "regularization",
         "rewind",
         "schedule",
         "trainer",
@@ -343,6 +345,27 @@ def test_rewind_and_distill_groups_compose_and_the_job_runs_with_both(tmp_path):
     with pytest.raises(ValueError, match=r"distill=kd is taught by the run's dense baseline: use dense=reuse"):
         run(configure(tmp_path, tiny(tmp_path, "distill=kd", "dense=skip")))
     assert issubclass(get_method(cfg.distill._target_), Distillation)
+
+
+def test_the_lasso_group_sets_the_pruners_regularization_and_shrinks_weights_in_the_window(tmp_path):
+    cfg = configure(tmp_path, tiny(tmp_path, "regularization=lasso", "pattern=unstructured"))
+    pruner = instantiate(cfg.pruner)
+    assert isinstance(pruner.regularization, GroupLasso) and pruner.regularization.coeff == 0.01
+    assert str(pruner.regularization.pattern) == str(pruner.pattern), "the lasso's groups are the pruner's units"
+    check_keys(OmegaConf.to_container(cfg.pruner, resolve=True), "pruner")
+    assert configure(tmp_path, tiny(tmp_path)).pruner.regularization is None, "off unless chosen"
+
+    # a coefficient so large that every block is zero after each step of the window: the weights left at the end
+    # are what the steps after the window grew from zero, far smaller than without the lasso
+    def conv_weights(folder: Path, *extra: str) -> list[torch.Tensor]:
+        out = run(configure(folder, tiny(tmp_path, "pruner.target_sparsity=0.5", *extra)))
+        assert out["sparsity"] == pytest.approx(0.5, abs=0.01), "the masks reach the target either way"
+        state = torch.load(folder / "pruned.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+        return [v for k, v in state.items() if k.endswith("conv1.weight")]
+
+    plain = conv_weights(tmp_path / "plain")
+    shrunk = conv_weights(tmp_path / "big", "regularization=lasso", "pruner.regularization.coeff=1e6")
+    assert plain and all(s.abs().mean() < 0.1 * p.abs().mean() for s, p in zip(shrunk, plain))
 
 
 def test_nlp_smoke_with_a_tiny_random_bert(tmp_path):
