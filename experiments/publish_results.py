@@ -185,7 +185,7 @@ def recovery_plot(panels: list[tuple[str, dict[str, list[dict[str, Any]]], list[
         ax.set_yticks(range(len(present)), [n.split(", ", 1)[-1] if "," in n else n for n in present], fontsize=7)
         ax.invert_yaxis()
         ax.axvline(0, color="black", lw=1)
-        ax.set_xlabel("Δ accuracy vs dense, points (mean ± std over seeds)")
+        ax.set_xlabel("Δ vs dense, points (mean ± std over seeds)", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
