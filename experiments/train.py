@@ -189,6 +189,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "export=none, then consolidate the run's pruned.ckpt folder with "
             "lightning_prune.export.consolidate_checkpoint and export from that file"
         )
+    target = str(cfg.pruner.get("_target_", ""))
+    if cfg.pruner.get("regularization") and not target.endswith(("lightning_prune.Pruning", "ProgressivePruning")):
+        raise ValueError(
+            f"regularization=lasso shrinks weights inside a pruning window, which pruner={target.rpartition('.')[2]} "
+            "does not have: use it with pruner=basic or pruner=progressive"
+        )
     pruner = instantiate(cfg.pruner)  # bad pruning arguments fail here, before any training
     if isinstance(pruner, PatternLock) and not cfg.init_from:
         raise ValueError(

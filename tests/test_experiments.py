@@ -354,6 +354,8 @@ def test_the_lasso_group_sets_the_pruners_regularization_and_shrinks_weights_in_
     assert str(pruner.regularization.pattern) == str(pruner.pattern), "the lasso's groups are the pruner's units"
     check_keys(OmegaConf.to_container(cfg.pruner, resolve=True), "pruner")
     assert configure(tmp_path, tiny(tmp_path)).pruner.regularization is None, "off unless chosen"
+    with pytest.raises(ValueError, match=r"regularization=lasso .* pruner=LightningModelPruning .* pruner=basic"):
+        run(configure(tmp_path, tiny(tmp_path, "regularization=lasso", "pruner=model_pruning")))
 
     # a coefficient so large that every block is zero after each step of the window: the weights left at the end
     # are what the steps after the window grew from zero, far smaller than without the lasso
