@@ -17,6 +17,7 @@ skips it).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -189,10 +190,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "export=none, then consolidate the run's pruned.ckpt folder with "
             "lightning_prune.export.consolidate_checkpoint and export from that file"
         )
-    target = str(cfg.pruner.get("_target_", ""))
-    if cfg.pruner.get("regularization") and not target.endswith(("lightning_prune.Pruning", "ProgressivePruning")):
+    pruner_class = get_class(cfg.pruner._target_)
+    if cfg.pruner.get("regularization") and "regularization" not in inspect.signature(pruner_class).parameters:
         raise ValueError(
-            f"regularization=lasso shrinks weights inside a pruning window, which pruner={target.rpartition('.')[2]} "
+            f"regularization=lasso shrinks weights inside a pruning window, which pruner={pruner_class.__name__} "
             "does not have: use it with pruner=basic or pruner=progressive"
         )
     pruner = instantiate(cfg.pruner)  # bad pruning arguments fail here, before any training
